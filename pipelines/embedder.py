@@ -1,0 +1,201 @@
+"""The embedder: a Qwen3-VL base model plus a recipe, turning texts, images and pairs into vectors.
+
+It knows nothing about Ray. Its work is split the way Infinity splits it, so that batch and online paths can
+place each part where it belongs:
+- `prepare(item)`  (CPU) prompt template, image decoding, tokenization, positions -> `PreparedItem`
+- `forward(items)` (GPU) the base model up to the chosen layer, then pooling       -> pooled tensor
+- `finish(pooled)` (CPU) Matryoshka truncation, L2 normalisation                    -> float32 numpy
+`embed_batch` does all three with token-budget, length-sorted batches and returns results in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import pooling
+from pipelines.batching import plan_batches
+from pipelines.config import EmbedderConfig
+from pipelines.forward import collate, hidden_states_at, resolve_layer
+from pipelines.items import ItemError
+from pipelines.loading import (
+    ModelLoadError,
+    base_model_of,
+    check_compatible,
+    load_base_model,
+    load_processor_parts,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+    split_processor,
+)
+from pipelines.prepare import PreparedItem, Preparer
+
+
+@dataclass
+class BatchResult:
+    """Vectors for the items that worked (`indices` says which) and an error for each item that did not."""
+
+    vectors: np.ndarray
+    indices: list[int]
+    errors: list[ItemError] = field(default_factory=list)
+
+
+class Embedder:
+    """A Qwen3-VL model and a recipe. Build it with `Embedder.load(...)` or from an already loaded model."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any = None,
+        *,
+        image_processor: Any = None,
+        config: EmbedderConfig | None = None,
+        **options: Any,
+    ):
+        """Wrap an already loaded model (the base `Qwen3VLModel` or the generation class, whose weights are
+        shared, not copied) and its processor (or a bare tokenizer, for text only)."""
+        self.model = base_model_of(model)
+        if processor is None:
+            raise ModelLoadError("a processor (or tokenizer) is needed next to the model")
+        tokenizer, own_image_processor = split_processor(processor)
+        image_processor = image_processor if image_processor is not None else own_image_processor
+        if config is None:
+            options.setdefault("model", getattr(self.model.config, "_name_or_path", "") or "in-memory")
+            config = EmbedderConfig(**options)
+        elif options:
+            config = EmbedderConfig.model_validate({**config.model_dump(), **options})
+        check_compatible(self.model.config, tokenizer, image_processor)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.layer = resolve_layer(self.model, config.resolved_layer)
+        self.pooling = config.resolved_pooling
+        self.padding_side = config.resolved_padding_side
+        hidden = self.model.config.text_config.hidden_size
+        if config.dimensions is not None and config.dimensions > hidden:
+            raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
+        self.pad_token_id = _pad_token_id(tokenizer, self.model.config)
+        self.preparer = Preparer(
+            tokenizer,
+            image_processor,
+            recipe=config.recipe,
+            instruction=config.resolved_instruction,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+            max_image_pixels=config.max_image_pixels,
+            max_length=config.max_length,
+        )
+
+    @classmethod
+    def load(cls, model: str = "tiny", **options: Any) -> Embedder:
+        """Load from a hub id, a local checkpoint directory or 'tiny'; options are `EmbedderConfig` fields."""
+        return cls.from_config(EmbedderConfig(model=model, **options))
+
+    @classmethod
+    def from_config(cls, config: EmbedderConfig) -> Embedder:
+        source = resolve_model_source(config.model)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        base = load_base_model(
+            source,
+            dtype=dtype,
+            device=device,
+            attn_implementation=config.attn_implementation,
+            quantization=config.quantization,
+        )
+        tokenizer, image_processor = load_processor_parts(source)
+        return cls(base, tokenizer, image_processor=image_processor, config=config)
+
+    # -- properties -------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.language_model.embed_tokens.weight.dtype
+
+    def get_embedding_dimension(self) -> int:
+        return self.config.dimensions or self.model.config.text_config.hidden_size
+
+    # -- the three steps ---------------------------------------------------------------------------------
+
+    def prepare(self, item: Any, index: int | None = None) -> PreparedItem:
+        """CPU: check, decode and tokenize one item (raises an `ItemError` naming the item)."""
+        return self.preparer.prepare(item, index)
+
+    def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
+        """GPU: pooled hidden states (float32, on the model's device) for one batch of prepared items."""
+        batch = collate(list(items), self.pad_token_id, self.padding_side).to(self.device, self.dtype)
+        hidden = hidden_states_at(self.model, batch, self.layer)
+        return pooling.pool(hidden, batch.attention_mask, self.pooling)
+
+    def finish(self, pooled: torch.Tensor) -> np.ndarray:
+        """Truncate to `dimensions`, normalise, copy to the host as float32."""
+        vectors = pooling.truncate(pooled.float(), self.config.dimensions)
+        if self.config.normalize:
+            vectors = pooling.normalize(vectors)
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    # -- conveniences ------------------------------------------------------------------------------------
+
+    def embed_prepared(self, prepared: Sequence[PreparedItem], batch_size: int | None = None) -> np.ndarray:
+        """Vectors for prepared items, in their order, batched by token budget and sorted by length."""
+        out = np.empty((len(prepared), self.get_embedding_dimension()), np.float32)
+        plan = plan_batches(
+            [p.num_tokens for p in prepared],
+            max_tokens=self.config.max_batch_tokens,
+            max_items=batch_size or self.config.max_batch_items,
+        )
+        for indices in plan:
+            out[indices] = self.finish(self.forward([prepared[i] for i in indices]))
+        return out
+
+    def embed_batch(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
+        """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises on the first bad item."""
+        prepared = [self.prepare(item, index) for index, item in enumerate(items)]
+        return self.embed_prepared(prepared, batch_size)
+
+    def try_embed_batch(self, items: Iterable[Any], batch_size: int | None = None) -> BatchResult:
+        """Like `embed_batch`, but bad items are returned as errors instead of raised."""
+        prepared, indices, errors = [], [], []
+        for index, item in enumerate(items):
+            try:
+                prepared.append(self.prepare(item, index))
+                indices.append(index)
+            except ItemError as exc:
+                errors.append(exc if exc.index == index else exc.at(index))
+        vectors = self.embed_prepared(prepared, batch_size) if prepared else self._empty()
+        return BatchResult(vectors=vectors, indices=indices, errors=errors)
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self.embed_batch([text])[0]
+
+    def embed_image(self, image: Any) -> np.ndarray:
+        return self.embed_batch([{"image": image}])[0]
+
+    def embed_multimodal(self, text: str, image: Any) -> np.ndarray:
+        return self.embed_batch([{"text": text, "image": image}])[0]
+
+    def _empty(self) -> np.ndarray:
+        return np.empty((0, self.get_embedding_dimension()), np.float32)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Embedder(model={c.model!r}, recipe={c.recipe!r}, pooling={self.pooling!r}, layer={self.layer}, "
+            f"dim={self.get_embedding_dimension()}, device={self.device}, dtype={self.dtype})"
+        )
+
+
+def _pad_token_id(tokenizer, model_config) -> int:
+    for candidate in (tokenizer.pad_token_id, model_config.text_config.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,182 @@
+"""Items: what a user asks to embed, checked and decoded, with a typed error for every way it can be bad.
+
+An item is a string (a text), or a dict with `text` and/or `image` (and, for recipes that take one, an
+`instruction`). An image is a PIL image, encoded bytes, or a file path. Every error names the item.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ITEM_KEYS = frozenset({"text", "image", "instruction"})
+
+
+class ItemError(ValueError):
+    """An item that cannot be embedded. `kind` is a stable, machine-readable reason."""
+
+    kind = "invalid_item"
+
+    def __init__(self, message: str, index: int | None = None):
+        self.index = index
+        self.reason = message
+        super().__init__(f"item {index}: {message}" if index is not None else message)
+
+    def at(self, index: int) -> ItemError:
+        """The same error, naming the item's position."""
+        return type(self)(self.reason, index)
+
+
+class InvalidItemError(ItemError):
+    kind = "invalid_item"
+
+
+class UnknownKeysError(ItemError):
+    kind = "unknown_keys"
+
+
+class EmptyTextError(ItemError):
+    kind = "empty_text"
+
+
+class ImageDecodeError(ItemError):
+    kind = "image_decode"
+
+
+class ImageNotFoundError(ItemError):
+    kind = "image_unreadable"
+
+
+class ImageTooLargeError(ItemError):
+    kind = "image_too_large"
+
+
+class TooLongError(ItemError):
+    kind = "too_long"
+
+
+@dataclass(frozen=True)
+class Item:
+    """A checked item; `image` is still undecoded (decoding is part of `prepare`)."""
+
+    text: str | None = None
+    image: Any = None
+    instruction: str | None = None
+
+    @property
+    def modality(self) -> str:
+        if self.image is not None and self.text is not None:
+            return "text+image"
+        return "image" if self.image is not None else "text"
+
+
+def parse_item(obj: Any, index: int | None = None) -> Item:
+    """Check the shape of one item: a non-blank string, or a dict with known keys and text and/or image."""
+    if isinstance(obj, Item):
+        return obj
+    if isinstance(obj, str):
+        return Item(text=_check_text(obj, index))
+    if not isinstance(obj, dict):
+        raise InvalidItemError(f"expected a string or a dict with 'text' and/or 'image', got {type(obj).__name__}", index)
+    unknown = sorted(set(obj) - ITEM_KEYS)
+    if unknown:
+        raise UnknownKeysError(f"unknown keys {unknown}; an item may have {sorted(ITEM_KEYS)}", index)
+    text, image, instruction = obj.get("text"), obj.get("image"), obj.get("instruction")
+    if text is None and image is None:
+        raise InvalidItemError("needs 'text' or 'image' (both are missing or null)", index)
+    if text is not None:
+        if not isinstance(text, str):
+            raise InvalidItemError(f"'text' must be a string, got {type(text).__name__}", index)
+        text = _check_text(text, index)
+    if image is not None and not _is_image_source(image):
+        raise InvalidItemError(
+            f"'image' must be a PIL image, encoded bytes or a file path, got {type(image).__name__}", index
+        )
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        raise InvalidItemError("'instruction' must be a non-empty string", index)
+    return Item(text=text, image=image, instruction=instruction)
+
+
+def _check_text(text: str, index: int | None) -> str:
+    if not text.strip():
+        raise EmptyTextError("text is empty or only whitespace", index)
+    if "\x00" in text:
+        raise InvalidItemError("text contains a NUL character", index)
+    return text
+
+
+def _is_image_source(image: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(image, Image.Image | bytes | bytearray | memoryview | str | Path)
+
+
+def describe_image_source(image: Any) -> str:
+    if isinstance(image, str | Path):
+        return str(image)
+    if isinstance(image, bytes | bytearray | memoryview):
+        return f"<{len(image)} bytes>"
+    return f"<{type(image).__name__}>"
+
+
+def load_image(image: Any, max_image_pixels: int, index: int | None = None):
+    """Decode an image source into an RGB PIL image with EXIF orientation applied.
+
+    Images whose header declares more than `max_image_pixels` pixels are refused before their pixels are
+    decoded, so a decompression bomb costs neither memory nor time.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        img = image
+        if img.width * img.height > max_image_pixels:
+            raise ImageTooLargeError(_too_large(img.width, img.height, max_image_pixels), index)
+    else:
+        data = _read_bytes(image, index)
+        if not data:
+            raise ImageDecodeError(f"image {describe_image_source(image)} is empty (0 bytes)", index)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                if img.width * img.height > max_image_pixels:
+                    raise ImageTooLargeError(_too_large(img.width, img.height, max_image_pixels), index)
+                img.load()
+        except ImageTooLargeError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"image is too large to decode safely ({exc})", index) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(f"{describe_image_source(image)} is not a readable image", index) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"cannot decode image {describe_image_source(image)}: {exc}", index) from exc
+    try:
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot convert image {describe_image_source(image)} to RGB: {exc}", index) from exc
+    if img.width < 1 or img.height < 1:
+        raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})", index)
+    return img
+
+
+def _too_large(width: int, height: int, limit: int) -> str:
+    return f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} (max_image_pixels)"
+
+
+def _read_bytes(image: Any, index: int | None) -> bytes:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    path = Path(image)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(f"image file {path} does not exist", index) from exc
+    except IsADirectoryError as exc:
+        raise ImageNotFoundError(f"image path {path} is a directory", index) from exc
+    except OSError as exc:
+        raise ImageNotFoundError(f"cannot read image file {path}: {exc.strerror or exc}", index) from exc

@@ -1,0 +1,60 @@
+"""Pooling: pure functions from token states and the attention mask to one vector per sequence.
+
+They know nothing about the backbone. `hidden` is `[batch, seq, dim]`, `mask` is `[batch, seq]` with 1 for real
+tokens and 0 for padding, on either side. Padding positions may hold anything (even NaN): they are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+POOLING_MODES = ("mean", "cls", "max", "last")
+
+
+def first_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first real token of each row (works for left and right padding)."""
+    return mask.long().argmax(dim=1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (works for left and right padding)."""
+    seq_len = mask.shape[1]
+    return seq_len - 1 - mask.long().flip(dims=[1]).argmax(dim=1)
+
+
+def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per row of `hidden`, in float32."""
+    if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden [B, L, D] and mask [B, L], got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every row needs at least one real token")
+    hidden = hidden.float()
+    keep = mask.bool().unsqueeze(-1)
+    if mode == "mean":
+        summed = hidden.masked_fill(~keep, 0.0).sum(dim=1)
+        return summed / keep.sum(dim=1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(~keep, float("-inf")).amax(dim=1)
+    if mode == "cls":
+        return _gather(hidden, first_token_index(mask))
+    if mode == "last":
+        return _gather(hidden, last_token_index(mask))
+    raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
+
+
+def normalize(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise each row."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def truncate(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+    """Keep the first `dimensions` components (Matryoshka); the caller re-normalises."""
+    if dimensions is None:
+        return vectors
+    if dimensions > vectors.shape[-1]:
+        raise ValueError(f"dimensions={dimensions} is larger than the model's {vectors.shape[-1]}")
+    return vectors[..., :dimensions]

@@ -1,0 +1,191 @@
+"""The CPU half of embedding: prompt template, image decoding and resizing, tokenization, position ids.
+
+`Preparer.prepare(item)` turns one item into a `PreparedItem` of numpy arrays. It needs the tokenizer and the
+image processor but not the model, so it runs wherever the CPU work is cheapest (a Ray Data CPU stage, a Serve
+replica's thread) and never touches the GPU. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.items import (
+    ImageDecodeError,
+    Item,
+    ItemError,
+    TooLongError,
+    load_image,
+    parse_item,
+)
+from pipelines.recipes import IMAGE_PAD, format_prompt
+
+
+@dataclass
+class PreparedItem:
+    """One item, ready for the model: token ids, M-RoPE positions and (for images) patches."""
+
+    input_ids: np.ndarray  # int64 [n]
+    position_ids: np.ndarray  # int64 [3, n]
+    pixel_values: np.ndarray | None = None  # float32 [patches, channels * temporal * patch * patch]
+    image_grid_thw: np.ndarray | None = None  # int64 [3]
+    modality: str = "text"
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict of numpy arrays and scalars (for Ray Data blocks and pickling)."""
+        has_image = self.pixel_values is not None
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids.reshape(-1),
+            "pixel_values": self.pixel_values.reshape(-1) if has_image else np.zeros(0, np.float32),
+            "pixel_shape": np.asarray(self.pixel_values.shape if has_image else (0, 0), np.int64),
+            "image_grid_thw": self.image_grid_thw if has_image else np.zeros(3, np.int64),
+            "modality": self.modality,
+            "truncated": self.truncated,
+            "num_tokens": self.num_tokens,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PreparedItem:
+        input_ids = np.asarray(row["input_ids"], np.int64)
+        pixel_shape = tuple(int(x) for x in np.asarray(row["pixel_shape"]))
+        has_image = pixel_shape[0] > 0
+        return cls(
+            input_ids=input_ids,
+            position_ids=np.asarray(row["position_ids"], np.int64).reshape(3, -1),
+            pixel_values=np.asarray(row["pixel_values"], np.float32).reshape(pixel_shape) if has_image else None,
+            image_grid_thw=np.asarray(row["image_grid_thw"], np.int64) if has_image else None,
+            modality=str(row["modality"]),
+            truncated=bool(row["truncated"]),
+        )
+
+
+def mrope_position_ids(input_ids: np.ndarray, image_token_id: int, grid_thw: np.ndarray | None, merge: int) -> np.ndarray:
+    """Qwen3-VL's 3-D (temporal, height, width) positions for one unpadded sequence with at most one image.
+
+    Text tokens advance all three axes together; the image's tokens take a grid of positions starting where
+    the text left off, and the text after it resumes at start + max(grid height, grid width).
+    """
+    n = input_ids.shape[0]
+    is_image = input_ids == image_token_id
+    if not is_image.any():
+        return np.broadcast_to(np.arange(n, dtype=np.int64), (3, n)).copy()
+    first = int(np.argmax(is_image))
+    _, h, w = (int(x) for x in grid_thw)
+    gh, gw = h // merge, w // merge
+    count = gh * gw
+    if int(is_image.sum()) != count or not is_image[first : first + count].all():
+        raise ValueError("image tokens must form one contiguous block matching the image grid")
+    positions = np.empty((3, n), np.int64)
+    positions[:, :first] = np.arange(first)
+    positions[0, first : first + count] = first
+    positions[1, first : first + count] = first + np.repeat(np.arange(gh), gw)
+    positions[2, first : first + count] = first + np.tile(np.arange(gw), gh)
+    resume = first + max(gh, gw)
+    rest = n - first - count
+    positions[:, first + count :] = resume + np.arange(rest)
+    return positions
+
+
+class Preparer:
+    """Turns items into `PreparedItem`s with one recipe's prompt format and one model's tokenizer and images."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        *,
+        recipe: str,
+        instruction: str | None,
+        min_pixels: int,
+        max_pixels: int,
+        max_image_pixels: int,
+        max_length: int,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.recipe = recipe
+        self.instruction = instruction
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_image_pixels = max_image_pixels
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.merge_size = int(image_processor.merge_size) if image_processor is not None else 2
+
+    def prepare(self, item: Any, index: int | None = None) -> PreparedItem:
+        """Check, decode and tokenize one item. Raises an `ItemError` subclass naming the item if it is bad."""
+        item = parse_item(item, index)
+        pixel_values = grid = None
+        if item.image is not None:
+            pixel_values, grid = self._image_patches(item, index)
+        instruction = item.instruction if item.instruction is not None else self.instruction
+        text, truncated = item.text, False
+        ids = self._tokenize(text, pixel_values is not None, instruction, grid)
+        if len(ids) > self.max_length:
+            ids, truncated = self._truncate(item, instruction, grid, index), True
+        return PreparedItem(
+            input_ids=ids,
+            position_ids=mrope_position_ids(ids, self.image_token_id, grid, self.merge_size),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            modality=item.modality,
+            truncated=truncated,
+        )
+
+    def prompt(self, item: Item) -> str:
+        """The prompt string of an item, with a single <|image_pad|> standing for its image."""
+        instruction = item.instruction if item.instruction is not None else self.instruction
+        return format_prompt(self.recipe, item.text, item.image is not None, instruction)
+
+    def _tokenize(self, text: str | None, has_image: bool, instruction: str | None, grid) -> np.ndarray:
+        prompt = format_prompt(self.recipe, text, has_image, instruction)
+        ids = np.asarray(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], np.int64)
+        if not has_image:
+            return ids
+        n_image_tokens = int(np.prod(grid)) // (self.merge_size**2)
+        at = int(np.flatnonzero(ids == self.image_token_id)[0])
+        return np.concatenate([ids[:at], np.full(n_image_tokens, self.image_token_id, np.int64), ids[at + 1 :]])
+
+    def _truncate(self, item: Item, instruction: str | None, grid, index: int | None) -> np.ndarray:
+        """Shorten the item's own text (never the template or the image) until the sequence fits."""
+        has_image = item.image is not None
+        fixed = len(self._tokenize(None, has_image, instruction, grid)) if item.text is not None else 0
+        text_ids = self.tokenizer(item.text or "", add_special_tokens=False)["input_ids"]
+        keep = self.max_length - fixed
+        while keep > 0:
+            text = self.tokenizer.decode(text_ids[:keep])
+            ids = self._tokenize(text, has_image, instruction, grid) if text.strip() else None
+            if ids is not None and len(ids) <= self.max_length:
+                return ids
+            keep -= max(1, (len(ids) - self.max_length) if ids is not None else 1)
+        raise TooLongError(
+            f"the prompt without its text already takes {fixed} tokens, over max_length={self.max_length}", index
+        )
+
+    def _image_patches(self, item: Item, index: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.image_processor is None:
+            raise ItemError("this embedder was built without an image processor and cannot embed images", index)
+        image = load_image(item.image, self.max_image_pixels, index)
+        try:
+            out = self.image_processor(
+                images=[image],
+                size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                return_tensors="np",
+            )
+        except ValueError as exc:  # e.g. an aspect ratio over 200:1
+            raise ImageDecodeError(f"cannot process image {image.width}x{image.height}: {exc}", index) from exc
+        pixel_values = np.asarray(out["pixel_values"], np.float32)
+        grid = np.asarray(out["image_grid_thw"], np.int64).reshape(-1)[:3]
+        return pixel_values, grid

@@ -1,0 +1,1 @@
+"""The Ray Serve app: the same `pipelines.embedder.Embedder` behind HTTP."""

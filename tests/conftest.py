@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny offline checkpoint and one embedder per test session; small images made here."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Keep the built-in 'tiny' checkpoint cache out of the user's home."""
+    home = tmp_path_factory.mktemp("vlm-embed-home")
+    old = os.environ.get("VLM_EMBED_HOME")
+    os.environ["VLM_EMBED_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("VLM_EMBED_HOME", None)
+    else:
+        os.environ["VLM_EMBED_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from pipelines.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def embedder(tiny_model_dir):
+    from pipelines.embedder import Embedder
+
+    return Embedder.load(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def make_image(seed: int = 0, size: tuple[int, int] = (96, 64)):
+    """A deterministic RGB noise image (width, height)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def image_bytes(seed: int = 0, size: tuple[int, int] = (96, 64), fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    make_image(seed, size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
