@@ -62,12 +62,16 @@ class EmbedderConfig(StrictModel):
     instruction: str | None = Field(
         default=None, description="System instruction (qwen3-vl-embedding only); default: the recipe's."
     )
-    padding_side: PaddingSide | None = Field(default=None, description="Batch padding side; default: the recipe's.")
+    padding_side: PaddingSide | None = Field(
+        default=None, description="Batch padding side; default: the recipe's."
+    )
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     attn_implementation: AttnImplementation = Field(default="sdpa", description="Attention kernel.")
     quantization: Quantization = Field(default="none", description="bitsandbytes 4-bit or 8-bit weights.")
-    min_pixels: int = Field(default=64 * 64, ge=1, description="Smaller images are upscaled to at least this.")
+    min_pixels: int = Field(
+        default=64 * 64, ge=1, description="Smaller images are upscaled to at least this."
+    )
     max_pixels: int = Field(
         default=1280 * 32 * 32, ge=1, description="Larger images are downscaled to at most this many pixels."
     )
@@ -76,7 +80,9 @@ class EmbedderConfig(StrictModel):
         ge=1,
         description="Images whose decoded size exceeds this are rejected before decoding (decompression bombs).",
     )
-    max_length: int = Field(default=8192, ge=8, description="Longest token sequence; longer texts are truncated.")
+    max_length: int = Field(
+        default=8192, ge=8, description="Longest token sequence; longer texts are truncated."
+    )
     max_batch_tokens: int = Field(
         default=16384, ge=1, description="Token budget of one forward pass (padded tokens count)."
     )

@@ -78,7 +78,9 @@ class Embedder:
         self.padding_side = config.resolved_padding_side
         hidden = self.model.config.text_config.hidden_size
         if config.dimensions is not None and config.dimensions > hidden:
-            raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
+            raise ValueError(
+                f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}"
+            )
         self.pad_token_id = _pad_token_id(tokenizer, self.model.config)
         self.preparer = Preparer(
             tokenizer,

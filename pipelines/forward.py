@@ -75,7 +75,9 @@ def resolve_layer(model, layer: int) -> int:
     """A `hidden_states` index (negative allowed) as a number in 0..num_layers; out of range is an error."""
     total = num_hidden_states(model)
     if not -total <= layer < total:
-        raise ValueError(f"layer={layer} is out of range for a model with {total - 1} layers (-{total}..{total - 1})")
+        raise ValueError(
+            f"layer={layer} is out of range for a model with {total - 1} layers (-{total}..{total - 1})"
+        )
     return layer % total
 
 
@@ -87,7 +89,9 @@ def _image_features(model, batch: Batch, embeds: torch.Tensor):
     if int(image_mask.sum()) != image_embeds.shape[0]:
         raise ValueError(f"{int(image_mask.sum())} image tokens but {image_embeds.shape[0]} image features")
     embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds)
-    deepstack = [torch.cat(features, dim=0).to(embeds.device, embeds.dtype) for features in out.deepstack_features]
+    deepstack = [
+        torch.cat(features, dim=0).to(embeds.device, embeds.dtype) for features in out.deepstack_features
+    ]
     return embeds, image_mask, deepstack
 
 
@@ -116,7 +120,11 @@ def hidden_states_at(model, batch: Batch, layer: int) -> torch.Tensor:
     hidden = embeds
     for index in range(target):
         hidden = language_model.layers[index](
-            hidden, attention_mask=mask, position_ids=None, cache=None, position_embeddings=position_embeddings
+            hidden,
+            attention_mask=mask,
+            position_ids=None,
+            cache=None,
+            position_embeddings=position_embeddings,
         )
         # hidden_states[k] is taken before the deepstack features are added, except for the last layer
         is_captured = index == target - 1 and target < num_layers

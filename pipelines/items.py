@@ -80,7 +80,9 @@ def parse_item(obj: Any, index: int | None = None) -> Item:
     if isinstance(obj, str):
         return Item(text=_check_text(obj, index))
     if not isinstance(obj, dict):
-        raise InvalidItemError(f"expected a string or a dict with 'text' and/or 'image', got {type(obj).__name__}", index)
+        raise InvalidItemError(
+            f"expected a string or a dict with 'text' and/or 'image', got {type(obj).__name__}", index
+        )
     unknown = sorted(set(obj) - ITEM_KEYS)
     if unknown:
         raise UnknownKeysError(f"unknown keys {unknown}; an item may have {sorted(ITEM_KEYS)}", index)
@@ -152,13 +154,17 @@ def load_image(image: Any, max_image_pixels: int, index: int | None = None):
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(f"{describe_image_source(image)} is not a readable image", index) from exc
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(f"cannot decode image {describe_image_source(image)}: {exc}", index) from exc
+            raise ImageDecodeError(
+                f"cannot decode image {describe_image_source(image)}: {exc}", index
+            ) from exc
     try:
         img = ImageOps.exif_transpose(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
     except (OSError, ValueError) as exc:
-        raise ImageDecodeError(f"cannot convert image {describe_image_source(image)} to RGB: {exc}", index) from exc
+        raise ImageDecodeError(
+            f"cannot convert image {describe_image_source(image)} to RGB: {exc}", index
+        ) from exc
     if img.width < 1 or img.height < 1:
         raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})", index)
     return img

@@ -8,6 +8,7 @@ The PIL backend also gives the same pixels on CPU-only and GPU machines. Anythin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,16 @@ def cache_home() -> Path:
 def resolve_model_source(model: str) -> str:
     """'tiny' becomes the built-in offline checkpoint (built on first use); anything else is returned as given."""
     if model != TINY_MODEL:
-        return model
+        looks_like_path = model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+        if looks_like_path and not (Path(model).expanduser() / "config.json").exists():
+            raise ModelLoadError(f"{model}: not a checkpoint directory (no config.json there)")
+        return str(Path(model).expanduser()) if looks_like_path else model
     from pipelines.tiny_model import make_tiny_model
 
     path = cache_home() / "tiny-qwen3-vl"
     if not (path / "config.json").exists():
-        try:
-            make_tiny_model(path, overwrite=True)
-        except FileExistsError:  # built concurrently by another process
-            pass
+        with contextlib.suppress(FileExistsError):  # built concurrently by another process: same files
+            make_tiny_model(path)
     return str(path)
 
 
@@ -82,7 +84,9 @@ def load_base_model(source: str, *, dtype, device: str, attn_implementation: str
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
     if getattr(config, "model_type", None) not in {"qwen3_vl"}:
-        raise ModelLoadError(f"{source!r} is a {getattr(config, 'model_type', '?')!r} model, not Qwen3-VL (qwen3_vl)")
+        raise ModelLoadError(
+            f"{source!r} is a {getattr(config, 'model_type', '?')!r} model, not Qwen3-VL (qwen3_vl)"
+        )
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
@@ -103,7 +107,10 @@ def _bnb_config(quantization: str, dtype):
     skip = ["visual", "lm_head"]  # the vision tower is small and sensitive; keep it in full precision
     if quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=skip,
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -141,7 +148,9 @@ def check_compatible(config, tokenizer, image_processor) -> None:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
     missing = [token for token, i in ids.items() if i is None or i == unk]
     if missing:
-        raise ModelLoadError(f"the tokenizer lacks Qwen's vision tokens {missing}: is it a Qwen3-VL tokenizer?")
+        raise ModelLoadError(
+            f"the tokenizer lacks Qwen's vision tokens {missing}: is it a Qwen3-VL tokenizer?"
+        )
     expected = {
         "<|vision_start|>": config.vision_start_token_id,
         "<|vision_end|>": config.vision_end_token_id,

@@ -29,7 +29,9 @@ def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """One vector per row of `hidden`, in float32."""
     if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(f"expected hidden [B, L, D] and mask [B, L], got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected hidden [B, L, D] and mask [B, L], got {tuple(hidden.shape)} and {tuple(mask.shape)}"
+        )
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every row needs at least one real token")
     hidden = hidden.float()

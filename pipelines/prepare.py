@@ -64,14 +64,18 @@ class PreparedItem:
         return cls(
             input_ids=input_ids,
             position_ids=np.asarray(row["position_ids"], np.int64).reshape(3, -1),
-            pixel_values=np.asarray(row["pixel_values"], np.float32).reshape(pixel_shape) if has_image else None,
+            pixel_values=np.asarray(row["pixel_values"], np.float32).reshape(pixel_shape)
+            if has_image
+            else None,
             image_grid_thw=np.asarray(row["image_grid_thw"], np.int64) if has_image else None,
             modality=str(row["modality"]),
             truncated=bool(row["truncated"]),
         )
 
 
-def mrope_position_ids(input_ids: np.ndarray, image_token_id: int, grid_thw: np.ndarray | None, merge: int) -> np.ndarray:
+def mrope_position_ids(
+    input_ids: np.ndarray, image_token_id: int, grid_thw: np.ndarray | None, merge: int
+) -> np.ndarray:
     """Qwen3-VL's 3-D (temporal, height, width) positions for one unpadded sequence with at most one image.
 
     Text tokens advance all three axes together; the image's tokens take a grid of positions starting where
@@ -156,7 +160,9 @@ class Preparer:
             return ids
         n_image_tokens = int(np.prod(grid)) // (self.merge_size**2)
         at = int(np.flatnonzero(ids == self.image_token_id)[0])
-        return np.concatenate([ids[:at], np.full(n_image_tokens, self.image_token_id, np.int64), ids[at + 1 :]])
+        return np.concatenate(
+            [ids[:at], np.full(n_image_tokens, self.image_token_id, np.int64), ids[at + 1 :]]
+        )
 
     def _truncate(self, item: Item, instruction: str | None, grid, index: int | None) -> np.ndarray:
         """Shorten the item's own text (never the template or the image) until the sequence fits."""
@@ -171,12 +177,15 @@ class Preparer:
                 return ids
             keep -= max(1, (len(ids) - self.max_length) if ids is not None else 1)
         raise TooLongError(
-            f"the prompt without its text already takes {fixed} tokens, over max_length={self.max_length}", index
+            f"the prompt without its text already takes {fixed} tokens, over max_length={self.max_length}",
+            index,
         )
 
     def _image_patches(self, item: Item, index: int | None) -> tuple[np.ndarray, np.ndarray]:
         if self.image_processor is None:
-            raise ItemError("this embedder was built without an image processor and cannot embed images", index)
+            raise ItemError(
+                "this embedder was built without an image processor and cannot embed images", index
+            )
         image = load_image(item.image, self.max_image_pixels, index)
         try:
             out = self.image_processor(
@@ -185,7 +194,9 @@ class Preparer:
                 return_tensors="np",
             )
         except ValueError as exc:  # e.g. an aspect ratio over 200:1
-            raise ImageDecodeError(f"cannot process image {image.width}x{image.height}: {exc}", index) from exc
+            raise ImageDecodeError(
+                f"cannot process image {image.width}x{image.height}: {exc}", index
+            ) from exc
         pixel_values = np.asarray(out["pixel_values"], np.float32)
         grid = np.asarray(out["image_grid_thw"], np.int64).reshape(-1)[:3]
         return pixel_values, grid

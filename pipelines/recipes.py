@@ -57,7 +57,9 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def format_prompt(recipe: RecipeName, text: str | None, has_image: bool, instruction: str | None = None) -> str:
+def format_prompt(
+    recipe: RecipeName, text: str | None, has_image: bool, instruction: str | None = None
+) -> str:
     """The prompt string for one item, with a single <|image_pad|> standing for the whole image."""
     vision = IMAGE_PLACEHOLDER if has_image else ""
     text = text or ""

@@ -34,16 +34,16 @@ QWEN_SPECIAL_TOKENS = [
 # A Qwen-style chat template: content is a string or a list of {"type": "image"|"text", ...} parts.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- if part['type'] == 'image' or 'image' in part -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 TEXT_CONFIG = dict(
@@ -55,7 +55,12 @@ TEXT_CONFIG = dict(
     head_dim=16,
     max_position_embeddings=32768,
     rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5_000_000.0,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+    },
 )
 VISION_CONFIG = dict(
     depth=3,
@@ -72,13 +77,58 @@ MIN_PIXELS = 32 * 32
 MAX_PIXELS = 256 * 256
 VOCAB_SIZE = 1024
 
-_SUBJECTS = ["the cat", "a dog", "the red car", "my neighbour", "a small bird", "the old ship", "our team",
-             "the river", "a young child", "the green tree", "an engineer", "the blue house"]
-_VERBS = ["sees", "paints", "follows", "builds", "carries", "finds", "describes", "measures", "loves", "opens"]
-_OBJECTS = ["a bright picture", "the long road", "three apples", "an empty box", "the morning light",
-            "a heavy stone", "the quiet garden", "two white clouds", "a wooden table", "the city map"]
-_EXTRAS = ["today.", "again!", "near the sea.", "in 2024.", "with care, slowly.", "at 7:30 pm?",
-           "for €12.50.", "— quite well.", "(twice).", "on page 42;", "über alles.", "très vite."]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "the red car",
+    "my neighbour",
+    "a small bird",
+    "the old ship",
+    "our team",
+    "the river",
+    "a young child",
+    "the green tree",
+    "an engineer",
+    "the blue house",
+]
+_VERBS = [
+    "sees",
+    "paints",
+    "follows",
+    "builds",
+    "carries",
+    "finds",
+    "describes",
+    "measures",
+    "loves",
+    "opens",
+]
+_OBJECTS = [
+    "a bright picture",
+    "the long road",
+    "three apples",
+    "an empty box",
+    "the morning light",
+    "a heavy stone",
+    "the quiet garden",
+    "two white clouds",
+    "a wooden table",
+    "the city map",
+]
+_EXTRAS = [
+    "today.",
+    "again!",
+    "near the sea.",
+    "in 2024.",
+    "with care, slowly.",
+    "at 7:30 pm?",
+    "for €12.50.",
+    "— quite well.",
+    "(twice).",
+    "on page 42;",
+    "über alles.",
+    "très vite.",
+]
 
 
 def training_corpus() -> list[str]:
@@ -96,10 +146,8 @@ def training_corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     """A Qwen2-style byte-level BPE tokenizer trained on `training_corpus()`, with Qwen's special tokens."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-
-    from tokenizers import Regex
 
     trainer_tokenizer = Tokenizer(models.BPE())
     trainer_tokenizer.normalizer = normalizers.NFC()
@@ -144,9 +192,15 @@ def build_config(tokenizer, initializer_range: float = 0.1):
     from transformers import Qwen3VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    text_config = dict(TEXT_CONFIG, vocab_size=len(tokenizer), pad_token_id=ids["<|endoftext|>"],
-                       initializer_range=initializer_range)
-    vision_config = dict(VISION_CONFIG, out_hidden_size=TEXT_CONFIG["hidden_size"], initializer_range=initializer_range)
+    text_config = dict(
+        TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        pad_token_id=ids["<|endoftext|>"],
+        initializer_range=initializer_range,
+    )
+    vision_config = dict(
+        VISION_CONFIG, out_hidden_size=TEXT_CONFIG["hidden_size"], initializer_range=initializer_range
+    )
     return Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -185,7 +239,9 @@ def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = Fal
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace it"
+            )
         shutil.rmtree(output_dir)
     tokenizer = build_tokenizer()
     image_processor = build_image_processor()
@@ -205,7 +261,13 @@ def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = Fal
         (staging / "video_preprocessor_config.json").write_text(
             json.dumps(_video_processor_config(image_processor), indent=2, sort_keys=True) + "\n"
         )
-        staging.rename(output_dir) if not output_dir.exists() else _replace(staging, output_dir)
+        try:
+            staging.rename(output_dir)  # atomic; fails if another process filled output_dir meanwhile
+        except OSError as exc:
+            if not overwrite:
+                raise FileExistsError(f"{output_dir} was written by another process meanwhile") from exc
+            shutil.rmtree(output_dir)
+            staging.rename(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
@@ -215,8 +277,3 @@ def _patch_json(path: Path, **updates) -> None:
     data = json.loads(path.read_text())
     data.update(updates)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _replace(staging: Path, output_dir: Path) -> None:
-    output_dir.rmdir()
-    staging.rename(output_dir)

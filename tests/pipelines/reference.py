@@ -9,11 +9,15 @@ import torch
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def reference_inputs(tokenizer, image_processor, prompt: str, image=None, min_pixels=64 * 64, max_pixels=1280 * 32 * 32):
+def reference_inputs(
+    tokenizer, image_processor, prompt: str, image=None, min_pixels=64 * 64, max_pixels=1280 * 32 * 32
+):
     inputs = {}
     if image is not None:
         processed = image_processor(
-            images=[image], size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, return_tensors="pt"
+            images=[image],
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            return_tensors="pt",
         )
         count = int(processed["image_grid_thw"][0].prod()) // image_processor.merge_size**2
         prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * count)
@@ -27,7 +31,9 @@ def reference_inputs(tokenizer, image_processor, prompt: str, image=None, min_pi
     return inputs
 
 
-def reference_embedding(generation_model, inputs, layer: int, pooling: str, normalize: bool = True) -> np.ndarray:
+def reference_embedding(
+    generation_model, inputs, layer: int, pooling: str, normalize: bool = True
+) -> np.ndarray:
     with torch.no_grad():
         out = generation_model(**inputs, output_hidden_states=True, use_cache=False)
     states = out.hidden_states[layer][0].float()  # [tokens, hidden], no padding

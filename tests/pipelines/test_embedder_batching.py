@@ -23,8 +23,14 @@ def padded_embedder(request, tiny_model_dir):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
 def test_item_alone_equals_item_in_padded_batch(tiny_model_dir, padded_embedder, pooling):
-    embedder = Embedder(padded_embedder.model, padded_embedder.tokenizer, image_processor=padded_embedder.image_processor,
-                        padding_side=padded_embedder.padding_side, pooling=pooling, layer=2)
+    embedder = Embedder(
+        padded_embedder.model,
+        padded_embedder.tokenizer,
+        image_processor=padded_embedder.image_processor,
+        padding_side=padded_embedder.padding_side,
+        pooling=pooling,
+        layer=2,
+    )
     together = embedder.embed_batch(ITEMS)
     for index, item in enumerate(ITEMS):
         alone = embedder.embed_batch([item])[0]
@@ -52,7 +58,9 @@ def test_batch_order_does_not_change_any_vector(embedder):
 def test_small_token_budgets_and_batch_sizes_give_the_same_vectors(tiny_model_dir, embedder):
     tight = Embedder.load(str(tiny_model_dir), device="cpu", max_batch_tokens=64)
     np.testing.assert_allclose(tight.embed_batch(ITEMS), embedder.embed_batch(ITEMS), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(embedder.embed_batch(ITEMS, batch_size=1), embedder.embed_batch(ITEMS), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        embedder.embed_batch(ITEMS, batch_size=1), embedder.embed_batch(ITEMS), atol=1e-5, rtol=0
+    )
 
 
 def test_vectors_have_unit_norm_when_normalising(embedder):
@@ -63,7 +71,9 @@ def test_vectors_have_unit_norm_when_normalising(embedder):
 def test_no_normalize_keeps_raw_pooled_vectors(tiny_model_dir, embedder):
     raw = Embedder.load(str(tiny_model_dir), device="cpu", normalize=False).embed_batch(ITEMS)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), embedder.embed_batch(ITEMS), atol=1e-5)
+    np.testing.assert_allclose(
+        raw / np.linalg.norm(raw, axis=1, keepdims=True), embedder.embed_batch(ITEMS), atol=1e-5
+    )
 
 
 def test_dimensions_truncates_then_renormalises(tiny_model_dir, embedder):
@@ -86,7 +96,9 @@ def test_results_come_back_in_input_order_with_the_expected_shape_and_dtype(embe
     assert vectors.shape == (len(ITEMS), embedder.get_embedding_dimension()) and vectors.dtype == np.float32
     np.testing.assert_allclose(vectors[1], embedder.embed_text(ITEMS[1]), atol=1e-5)
     np.testing.assert_allclose(vectors[2], embedder.embed_image(ITEMS[2]["image"]), atol=1e-5)
-    np.testing.assert_allclose(vectors[3], embedder.embed_multimodal(ITEMS[3]["text"], ITEMS[3]["image"]), atol=1e-5)
+    np.testing.assert_allclose(
+        vectors[3], embedder.embed_multimodal(ITEMS[3]["text"], ITEMS[3]["image"]), atol=1e-5
+    )
 
 
 def test_the_image_matters(embedder):

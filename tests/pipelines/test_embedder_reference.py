@@ -40,12 +40,17 @@ def _item(text, image):
 @pytest.mark.parametrize("modality", sorted(CASES))
 @pytest.mark.parametrize("layer", [-1, 2])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
-def test_instruct_mean_matches_the_plain_forward(tiny_model_dir, generation_model, processor_parts, modality, layer, pooling):
+def test_instruct_mean_matches_the_plain_forward(
+    tiny_model_dir, generation_model, processor_parts, modality, layer, pooling
+):
     text, image = CASES[modality]
-    embedder = Embedder(generation_model, processor_parts[0], image_processor=processor_parts[1],
-                        pooling=pooling, layer=layer)
+    embedder = Embedder(
+        generation_model, processor_parts[0], image_processor=processor_parts[1], pooling=pooling, layer=layer
+    )
     prompt = (VISION if image is not None else "") + text
-    expected = reference_embedding(generation_model, reference_inputs(*processor_parts, prompt, image), layer, pooling)
+    expected = reference_embedding(
+        generation_model, reference_inputs(*processor_parts, prompt, image), layer, pooling
+    )
     got = embedder.embed_batch([_item(text, image)])[0]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -54,12 +59,18 @@ def test_instruct_mean_matches_the_plain_forward(tiny_model_dir, generation_mode
 @pytest.mark.parametrize("modality", sorted(CASES))
 def test_qwen3_vl_embedding_recipe_matches_the_plain_forward(generation_model, processor_parts, modality):
     text, image = CASES[modality]
-    embedder = Embedder(generation_model, processor_parts[0], image_processor=processor_parts[1], recipe="qwen3-vl-embedding")
+    embedder = Embedder(
+        generation_model, processor_parts[0], image_processor=processor_parts[1], recipe="qwen3-vl-embedding"
+    )
     prompt = (
         "<|im_start|>system\nRepresent the user's input.<|im_end|>\n<|im_start|>user\n"
-        + (VISION if image is not None else "") + text + "<|im_end|>\n<|im_start|>assistant\n"
+        + (VISION if image is not None else "")
+        + text
+        + "<|im_end|>\n<|im_start|>assistant\n"
     )
-    expected = reference_embedding(generation_model, reference_inputs(*processor_parts, prompt, image), -1, "last")
+    expected = reference_embedding(
+        generation_model, reference_inputs(*processor_parts, prompt, image), -1, "last"
+    )
     np.testing.assert_allclose(embedder.embed_batch([_item(text, image)])[0], expected, atol=1e-5, rtol=0)
 
 
@@ -67,7 +78,9 @@ def test_every_layer_index_including_embeddings_matches_the_plain_forward(genera
     image = make_image(3)
     inputs = reference_inputs(*processor_parts, VISION + TEXT, image)
     for layer in range(-5, 5):
-        embedder = Embedder(generation_model, processor_parts[0], image_processor=processor_parts[1], layer=layer)
+        embedder = Embedder(
+            generation_model, processor_parts[0], image_processor=processor_parts[1], layer=layer
+        )
         expected = reference_embedding(generation_model, inputs, layer, "mean")
         got = embedder.embed_batch([{"text": TEXT, "image": image}])[0]
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"layer {layer}")

@@ -1,0 +1,259 @@
+"""`vlm-embed`: the command line. Each subcommand imports what it needs when it runs, so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines import __version__
+from pipelines.config import EmbedderConfig
+from pipelines.config_flags import add_config_flags, config_from_flags
+
+EXIT_ITEM_ERRORS = 1
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Embed texts, images and text+image pairs with a Qwen3-VL model.
+
+Every command runs offline on the built-in tiny random model ('--model tiny', the default), and on a real
+checkpoint when you name one (a hub id such as Qwen/Qwen3-VL-2B-Instruct, or a local directory).
+"""
+
+
+class CliError(Exception):
+    """A usage or input problem: printed as one line to stderr, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # TEXTs given after an option (`embed --image a.png "text"`) are still TEXTs
+        if getattr(args, "command", None) != "embed" or any(e.startswith("-") and e != "-" for e in extra):
+            parser.parse_args(argv)  # reports the unknown arguments the usual way and exits 2
+        args.texts = [*args.texts, *extra]
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as exc:
+        print(f"vlm-embed {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line message instead of a traceback for known failures
+        from pydantic import ValidationError
+
+        from pipelines.loading import ModelLoadError
+
+        if isinstance(exc, ModelLoadError | ValidationError | FileExistsError):
+            print(f"vlm-embed {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-embed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"vlm-embed {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_embed(commands)
+    _add_demo(commands)
+    _add_make_tiny_model(commands)
+    return parser
+
+
+def _subparser(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+# -- embed -------------------------------------------------------------------------------------------------
+
+
+def _add_embed(commands) -> None:
+    p = _subparser(
+        commands,
+        "embed",
+        "embed texts and images given on the command line or in a JSONL file",
+        """\
+Embed items and write one JSON object per item to stdout: {"index": i, "embedding": [...]}.
+
+Items are numbered in this order: the lines of --input, then each TEXT, then each --image. With --pair,
+the TEXTs and --images are zipped into text+image items instead (their counts must match).
+An --input line is a JSON string (a text) or an object with "text" and/or "image" (a file path, relative
+to the JSONL file) and optionally an "id", which is copied to the output. Bad items are reported on stderr ("item 3: ...") and the exit status is 1; the
+other items are still embedded.
+
+examples:
+  vlm-embed embed "a red circle" "a blue square"
+  vlm-embed embed --image photo.jpg
+  vlm-embed embed --pair --image photo.jpg "a caption for the photo"
+  vlm-embed embed --model Qwen/Qwen3-VL-Embedding-2B --recipe qwen3-vl-embedding --input items.jsonl
+""",
+    )
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
+    p.add_argument("--pair", action="store_true", help="zip TEXTs and --images into text+image items")
+    p.add_argument("--input", type=Path, metavar="ITEMS.JSONL", help="a JSONL file of items")
+    p.add_argument("--chunk-size", type=int, default=256, help="items embedded per step (default: 256)")
+    add_config_flags(p, EmbedderConfig)
+    p.set_defaults(handler=_run_embed)
+
+
+def _read_jsonl_items(path: Path) -> Iterator[Any]:
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read --input {path}: {exc.strerror or exc}") from exc
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                item = _BadLine(f"{path}:{number}: not valid JSON ({exc.msg})")
+            if isinstance(item, dict) and isinstance(item.get("image"), str):
+                item = dict(item, image=str(path.parent / item["image"]))
+            yield item
+
+
+class _BadLine:
+    """A placeholder item for an unparseable input line; it fails as an item, so the others still run."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _collect_items(args) -> Iterator[Any]:
+    if args.input is not None:
+        yield from _read_jsonl_items(args.input)
+    if args.pair:
+        if len(args.texts) != len(args.image):
+            raise CliError(
+                f"--pair needs as many TEXTs as --images, got {len(args.texts)} and {len(args.image)}"
+            )
+        for text, image in zip(args.texts, args.image, strict=True):
+            yield {"text": text, "image": image}
+        return
+    yield from args.texts
+    for image in args.image:
+        yield {"image": image}
+
+
+def _run_embed(args) -> int:
+    from pipelines.embedder import Embedder
+
+    if args.input is None and not args.texts and not args.image:
+        raise CliError("nothing to embed: give TEXTs, --image FILEs or --input ITEMS.JSONL")
+    if args.chunk_size < 1:
+        raise CliError("--chunk-size must be at least 1")
+    embedder = Embedder.from_config(config_from_flags(args, EmbedderConfig))
+    failures = 0
+    for start, chunk in _chunks(_collect_items(args), args.chunk_size):
+        good = [(offset, item) for offset, item in enumerate(chunk) if not isinstance(item, _BadLine)]
+        ids = {offset: item.pop("id") for offset, item in good if isinstance(item, dict) and "id" in item}
+        result = embedder.try_embed_batch([item for _, item in good])
+        errors = {good[e.index][0]: e.reason for e in result.errors}
+        errors.update(
+            {offset: item.message for offset, item in enumerate(chunk) if isinstance(item, _BadLine)}
+        )
+        for index, vector in zip(result.indices, result.vectors, strict=True):
+            offset = good[index][0]
+            record = {"index": start + offset, **({"id": ids[offset]} if offset in ids else {})}
+            record["embedding"] = [float(x) for x in vector]
+            sys.stdout.write(json.dumps(record) + "\n")
+        for offset in sorted(errors):
+            print(f"error: item {start + offset}: {errors[offset]}", file=sys.stderr)
+        failures += len(errors)
+        sys.stdout.flush()
+    return EXIT_ITEM_ERRORS if failures else 0
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    chunk: list[Any] = []
+    start = 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield start, chunk
+            start, chunk = start + size, []
+    if chunk:
+        yield start, chunk
+
+
+# -- demo --------------------------------------------------------------------------------------------------
+
+
+def _add_demo(commands) -> None:
+    p = _subparser(
+        commands,
+        "demo",
+        "embed the bundled sample (texts, images, pairs) and print a similarity matrix",
+        "Embed the small sample shipped with the package and print the vectors' shape and their cosine "
+        "similarity matrix. Runs offline on the tiny model by default.",
+    )
+    add_config_flags(p, EmbedderConfig)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import numpy as np
+
+    from pipelines.embedder import Embedder
+    from pipelines.sample import sample_items
+
+    config = config_from_flags(args, EmbedderConfig)
+    embedder = Embedder.from_config(config)
+    labels, items = zip(*sample_items(), strict=True)
+    vectors = embedder.embed_batch(list(items))
+    print(f"{embedder}")
+    print(f"embedded {len(items)} sample items -> vectors of shape {vectors.shape}, dtype {vectors.dtype}")
+    similarity = vectors @ vectors.T
+    width = max(len(label) for label in labels)
+    print("cosine similarity:")
+    print(" " * (width + 1) + " ".join(f"{i:>5d}" for i in range(len(labels))))
+    for i, label in enumerate(labels):
+        print(f"{label:<{width}} " + " ".join(f"{x:5.2f}" for x in similarity[i]) + f"  [{i}]")
+    if not np.isfinite(vectors).all():
+        print("error: some vectors are not finite", file=sys.stderr)
+        return EXIT_ITEM_ERRORS
+    return 0
+
+
+# -- make-tiny-model ---------------------------------------------------------------------------------------
+
+
+def _add_make_tiny_model(commands) -> None:
+    p = _subparser(
+        commands,
+        "make-tiny-model",
+        "build the tiny random Qwen3-VL checkpoint used offline and in tests",
+        "Build a tiny, seeded, random Qwen3-VL checkpoint (real transformers classes, a BPE tokenizer trained "
+        "offline with Qwen's special tokens and chat template, the Qwen3-VL image processor) into DIR with "
+        "save_pretrained. Load it with --model DIR. The same seed gives byte-identical files.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR", help="where to write the checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
+    p.set_defaults(handler=_run_make_tiny_model)
+
+
+def _run_make_tiny_model(args) -> int:
+    from pipelines.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.directory, seed=args.seed, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote a tiny Qwen3-VL checkpoint to {path} ({size / 1e6:.1f} MB); use it with --model {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
