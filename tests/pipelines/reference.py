@@ -49,4 +49,4 @@ def reference_embedding(
         raise ValueError(pooling)
     if normalize:
         vector = vector / torch.sqrt((vector * vector).sum())
-    return vector.numpy()
+    return vector.cpu().numpy()
