@@ -127,3 +127,91 @@ class EmbedderConfig(StrictModel):
             "max_pixels": self.max_pixels,
             "max_length": self.max_length,
         }
+
+
+SourceKind = Literal["jsonl", "parquet", "csv", "images"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class SourceConfig(StrictModel):
+    """One input dataset: a text/pair table (JSONL, Parquet, CSV) or a folder tree of images."""
+
+    kind: SourceKind = Field(description="jsonl, parquet, csv, or images (a folder tree, recursive)")
+    path: str = Field(description="A file, a directory or a glob; local or any URI Ray Data reads.")
+    name: str | None = Field(default=None, description="Label in the errors table; default: the path.")
+    id_column: str | None = Field(
+        default=None, description="Column with stable ids; default: a content hash."
+    )
+    text_column: str | None = Field(default=None, description="Column with the text (tables).")
+    image_column: str | None = Field(default=None, description="Column with an image path or image bytes.")
+    image_root: str | None = Field(
+        default=None,
+        description="Relative image paths are resolved against this; default: the file's folder.",
+    )
+    keep_columns: list[str] = Field(default_factory=list, description="Source columns copied into the table.")
+    extensions: list[str] = Field(
+        default_factory=lambda: list(IMAGE_EXTENSIONS), description="Image file extensions (images kind)."
+    )
+
+
+class TableConfig(StrictModel):
+    """Where the vectors and the errors go."""
+
+    uri: str = Field(default="./data/lancedb", description="A LanceDB directory or object-store URI.")
+    name: str = Field(default="vectors", description="The vectors table.")
+    errors_name: str = Field(default="errors", description="The errors table beside it.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options (keys, region)."
+    )
+    commit_rows: int = Field(
+        default=1024, ge=1, description="Rows per commit; a crash loses at most this much work."
+    )
+    vector_index_min_rows: int = Field(
+        default=100_000, ge=1, description="Build a cosine vector index once the table has this many rows."
+    )
+    fts_index: bool = Field(default=True, description="Build a full-text index on `text` after a run.")
+
+
+class ResourcesConfig(StrictModel):
+    """The Ray knobs of a backfill."""
+
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address; default: auto, else local."
+    )
+    num_gpus_per_actor: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per embedding actor (fractions allowed); default: 1 if the cluster "
+        "has GPUs, else 0 (the same pool runs on CPU).",
+    )
+    min_actors: int = Field(default=1, ge=1, description="Smallest embedding actor pool.")
+    max_actors: int = Field(default=1, ge=1, description="Largest embedding actor pool.")
+    batch_rows: int = Field(default=256, ge=1, description="Rows handed to an embedding actor at a time.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) is larger than max_actors ({self.max_actors})")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """The HTTP endpoint's own settings (Ray Serve's replica and autoscaling settings live in serve/config.yaml)."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    api_key_env: str = Field(
+        default="VLM_EMBED_API_KEY",
+        description="Environment variable holding the API key; unset: no key needed.",
+    )
+    served_model_name: str | None = Field(default=None, description="Model name reported by the API.")
+
+
+class Config(StrictModel):
+    """The one configuration every entry point produces: the backfill job, the CLI and the Serve app."""
+
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    table: TableConfig = Field(default_factory=TableConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)

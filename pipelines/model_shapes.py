@@ -11,25 +11,66 @@ from typing import Literal
 
 Shape = Literal["tiny", "2b", "8b"]
 
-_ROPE = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 5_000_000.0,
+    "mrope_section": [24, 20, 20],
+    "mrope_interleaved": True,
+}
 
 SHAPES: dict[str, dict] = {
     "2b": {
-        "text": dict(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144, num_attention_heads=16,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_parameters=_ROPE,
-                     max_position_embeddings=262144, rms_norm_eps=1e-6),
-        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
-                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048,
-                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        "text": dict(
+            hidden_size=2048,
+            num_hidden_layers=28,
+            intermediate_size=6144,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rope_parameters=_ROPE,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+        ),
+        "vision": dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=2048,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+        ),
         "tie_word_embeddings": True,
     },
     "8b": {
-        "text": dict(hidden_size=4096, num_hidden_layers=36, intermediate_size=12288, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_parameters=_ROPE,
-                     max_position_embeddings=262144, rms_norm_eps=1e-6),
-        "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
-                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+        "text": dict(
+            hidden_size=4096,
+            num_hidden_layers=36,
+            intermediate_size=12288,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rope_parameters=_ROPE,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+        ),
+        "vision": dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=4096,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
         "tie_word_embeddings": False,
     },
 }
@@ -42,8 +83,10 @@ def shape_config(shape: str, tokenizer):
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     spec = SHAPES[shape]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                             "<|vision_end|>", "<|endoftext|>")}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")
+    }
     return Qwen3VLConfig(
         text_config=dict(spec["text"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(spec["vision"]),
@@ -62,14 +105,27 @@ def shape_processor_parts():
     from pipelines.tiny_model import build_tokenizer
 
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 32 * 32, max_pixels=1280 * 32 * 32,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=64 * 32 * 32,
+        max_pixels=1280 * 32 * 32,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )
     return build_tokenizer(), image_processor
 
 
-def random_model(shape: str, tokenizer, *, device: str = "cuda", dtype=None, seed: int = 0, generation: bool = False,
-                 attn_implementation: str = "sdpa"):
+def random_model(
+    shape: str,
+    tokenizer,
+    *,
+    device: str = "cuda",
+    dtype=None,
+    seed: int = 0,
+    generation: bool = False,
+    attn_implementation: str = "sdpa",
+):
     """A random-weight model built directly on `device` (seconds, not minutes): the base model, or the
     generation class (with its LM head) when `generation` is true."""
     import torch

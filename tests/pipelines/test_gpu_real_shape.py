@@ -24,15 +24,23 @@ def test_2b_shape_in_bf16_matches_the_float32_reference(cuda):
 
     tokenizer, image_processor = shape_processor_parts()
     reference_model = random_model("2b", tokenizer, device="cuda", dtype=torch.float32, generation=True)
-    fast = Embedder(copy.deepcopy(reference_model.model).to(torch.bfloat16), tokenizer, image_processor=image_processor)
+    fast = Embedder(
+        copy.deepcopy(reference_model.model).to(torch.bfloat16), tokenizer, image_processor=image_processor
+    )
     assert fast.dtype == torch.bfloat16
-    items = [text if image is None else ({"image": image} if not text else {"text": text, "image": image})
-             for text, image in ITEMS]
+    items = [
+        text if image is None else ({"image": image} if not text else {"text": text, "image": image})
+        for text, image in ITEMS
+    ]
     got = fast.embed_batch(items)
     for (text, image), vector in zip(ITEMS, got, strict=True):
         prompt = (VISION if image is not None else "") + text
-        inputs = {k: v.to("cuda") for k, v in reference_inputs(tokenizer, image_processor, prompt, image).items()}
+        inputs = {
+            k: v.to("cuda") for k, v in reference_inputs(tokenizer, image_processor, prompt, image).items()
+        }
         expected = reference_embedding(reference_model, inputs, -1, "mean")
         cosine = float(np.dot(vector, expected))
-        print(f"2B bf16 vs float32 reference, {'image' if image is not None else 'text'}: cosine {cosine:.5f}")
+        print(
+            f"2B bf16 vs float32 reference, {'image' if image is not None else 'text'}: cosine {cosine:.5f}"
+        )
         assert cosine >= 0.99

@@ -1,0 +1,134 @@
+"""The vectors table's contract: its schema, the embedder configuration it records, and searching it.
+
+Every vectors table records (in its Arrow schema metadata) the embedder configuration its vectors were made
+with. Appending with, or querying through, a different configuration is refused with a clear error, so a
+query is always embedded the way the corpus was.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import EmbedderConfig, TableConfig
+
+METADATA_KEY = b"vlm_embed"
+FORMAT_VERSION = 1
+BASE_COLUMNS = ("id", "modality", "text", "image_uri", "vector")
+ERRORS_COLUMNS = ("id", "source", "stage", "reason")
+# Options that change how vectors are computed are in `EmbedderConfig.signature()`; these only change where
+# and how fast, so a query may use its own.
+RUNTIME_OPTIONS = (
+    "device",
+    "dtype",
+    "attn_implementation",
+    "quantization",
+    "max_batch_tokens",
+    "max_batch_items",
+)
+
+
+class TableConfigMismatch(ValueError):
+    """The table was built with a different embedder configuration than the one asked to use it."""
+
+
+class TableNotFound(LookupError):
+    """No vectors table at the given URI and name."""
+
+
+def vectors_schema(embedder_config: EmbedderConfig, dimension: int, kept: list | tuple = ()):
+    """`id`, `modality`, `text`, `image_uri`, `vector` (fixed-size float32) and kept columns, with metadata."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("modality", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("vector", pa.list_(pa.float32(), dimension)),
+        *kept,
+    ]
+    metadata = {METADATA_KEY: json.dumps(table_metadata(embedder_config, dimension), sort_keys=True).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+def errors_schema():
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, pa.string()) for name in ERRORS_COLUMNS])
+
+
+def table_metadata(embedder_config: EmbedderConfig, dimension: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "embedder": embedder_config.model_dump(mode="json"),
+        "signature": embedder_config.signature(),
+        "dimension": dimension,
+    }
+
+
+def connect(table_config: TableConfig):
+    import lancedb
+
+    return lancedb.connect(table_config.uri, storage_options=table_config.storage_options or None)
+
+
+def open_vectors_table(table_config: TableConfig):
+    """The vectors table, or `TableNotFound` with the URI and name in the message."""
+    db = connect(table_config)
+    try:
+        return db.open_table(table_config.name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise TableNotFound(f"no table {table_config.name!r} at {table_config.uri}") from exc
+
+
+def recorded_metadata(table) -> dict[str, Any]:
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise TableConfigMismatch(
+            f"table {table.name!r} records no embedder configuration: was it made by vlm-embed?"
+        )
+    return json.loads(raw)
+
+
+def recorded_embedder_config(table, **runtime: Any) -> EmbedderConfig:
+    """The embedder configuration the table was built with; `runtime` options (device, dtype, ...) may differ."""
+    unknown = set(runtime) - set(RUNTIME_OPTIONS)
+    if unknown:
+        raise ValueError(f"only runtime options may be changed for a query, not {sorted(unknown)}")
+    recorded = recorded_metadata(table)["embedder"]
+    return EmbedderConfig.model_validate({**recorded, **{k: v for k, v in runtime.items() if v is not None}})
+
+
+def check_matches(table, embedder_config: EmbedderConfig, dimension: int) -> None:
+    """Raise `TableConfigMismatch` naming every option that differs from what the table records."""
+    recorded = recorded_metadata(table)
+    mine = {**embedder_config.signature(), "dimension": dimension}
+    theirs = {**recorded["signature"], "dimension": recorded["dimension"]}
+    differences = {
+        key: (theirs.get(key), mine.get(key))
+        for key in sorted(set(mine) | set(theirs))
+        if theirs.get(key) != mine.get(key)
+    }
+    if differences:
+        listed = ", ".join(f"{key}: table has {a!r}, asked for {b!r}" for key, (a, b) in differences.items())
+        raise TableConfigMismatch(
+            f"table {table.name!r} was embedded with a different configuration ({listed})"
+        )
+
+
+def search_table(
+    table, vector: np.ndarray, top_k: int = 10, where: str | None = None, columns: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The `top_k` nearest rows by cosine similarity: dicts with `id`, `score` (cosine similarity), `modality`,
+    `text`, `image_uri` and any extra `columns`."""
+    if top_k < 1:
+        raise ValueError("top_k must be at least 1")
+    wanted = ["id", "modality", "text", "image_uri", *(columns or [])]
+    query = table.search(np.asarray(vector, np.float32), vector_column_name="vector").distance_type("cosine")
+    if where:
+        query = query.where(where, prefilter=True)
+    rows = query.select(wanted).limit(top_k).to_list()
+    return [{**{key: row.get(key) for key in wanted}, "score": 1.0 - float(row["_distance"])} for row in rows]
