@@ -56,3 +56,19 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting Ray costs several seconds here).
+
+    `address="local"` always starts a fresh instance, never attaching to some other cluster on the machine.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+    yield ray
+    ray.shutdown()
