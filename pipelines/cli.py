@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(commands)
     _add_demo(commands)
     _add_make_tiny_model(commands)
+    _add_backfill(commands)
+    _add_search(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -253,6 +256,99 @@ def _run_make_tiny_model(args) -> int:
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"wrote a tiny Qwen3-VL checkpoint to {path} ({size / 1e6:.1f} MB); use it with --model {path}")
     return 0
+
+
+# -- backfill and search (implemented in pipelines.backfill and pipelines.search) ----------------------------
+
+
+def _add_backfill(commands) -> None:
+    from pipelines.backfill import DESCRIPTION, add_backfill_arguments
+
+    p = _subparser(
+        commands,
+        "backfill",
+        "embed a corpus into a LanceDB table on Ray (resumable, exactly once)",
+        DESCRIPTION,
+    )
+    add_backfill_arguments(p)
+    p.set_defaults(handler=_run_backfill)
+
+
+def _run_backfill(args) -> int:
+    from pipelines.backfill import run_backfill_command
+
+    return run_backfill_command(args)
+
+
+def _add_search(commands) -> None:
+    from pipelines.search import DESCRIPTION, add_search_arguments
+
+    p = _subparser(
+        commands, "search", "search a table made by backfill with a text and/or image query", DESCRIPTION
+    )
+    add_search_arguments(p)
+    p.set_defaults(handler=_run_search)
+
+
+def _run_search(args) -> int:
+    from pipelines.search import run_search_command
+
+    return run_search_command(args)
+
+
+# -- serve (implemented in serve.launch and serve.app) ----------------------------------------------------
+
+
+def _add_serve(commands) -> None:
+    from pipelines.config import ServeConfig
+
+    p = _subparser(
+        commands,
+        "serve",
+        "serve the embedder over HTTP with Ray Serve (OpenAI-compatible embeddings, search)",
+        """\
+Start Ray Serve with the embedder behind an HTTP API, on 127.0.0.1:8000 unless told otherwise, and serve
+until Ctrl-C: POST /v1/embeddings (OpenAI-compatible, plus {"text", "image"} items with inline base64
+images), POST /search (the table in the config, queried with the configuration it was built with),
+GET /healthz, GET /v1/models.
+
+--config takes the project's config YAML (the file a backfill runs from: embedder, table, serve sections)
+or a Ray Serve config file such as serve/config.yaml. Flags override the file. If the environment variable
+named by --api-key-env (default VLM_EMBED_API_KEY) is set, requests need 'Authorization: Bearer <key>'.
+
+examples:
+  vlm-embed serve                                        # the tiny offline model on 127.0.0.1:8000
+  vlm-embed serve --config job.yaml --port 8080          # the model and table of a backfill job
+  vlm-embed serve --config serve/config.yaml --model Qwen/Qwen3-VL-Embedding-2B \\
+      --recipe qwen3-vl-embedding --num-gpus 1 --max-replicas 4
+""",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="a config YAML or a Ray Serve config file")
+    p.add_argument(
+        "--address", help="Ray cluster address; default: the config's, else RAY_ADDRESS, else a new local Ray"
+    )
+    add_config_flags(p, EmbedderConfig)
+    add_config_flags(p, ServeConfig, skip=("max_image_pixels",))  # set it in the file: the name is taken
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from pipelines.config import ServeConfig
+    from pipelines.loading import resolve_model_source
+    from serve.launch import LaunchError, apply_flags, load_target, serve_forever
+
+    try:
+        target = load_target(args.config)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from exc
+    given = {
+        cls: {name: getattr(args, name) for name in cls.model_fields if getattr(args, name, None) is not None}
+        for cls in (EmbedderConfig, ServeConfig)
+    }
+    given[ServeConfig].pop("max_image_pixels", None)
+    target = apply_flags(target, given[EmbedderConfig], given[ServeConfig])
+    resolve_model_source(target.config.embedder.model)  # a wrong local path fails here, not in every replica
+    return serve_forever(target, args.address)
 
 
 if __name__ == "__main__":

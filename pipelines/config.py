@@ -18,8 +18,10 @@ from pipelines.recipes import RECIPES, RecipeName
 Pooling = Literal["mean", "cls", "max", "last"]
 PaddingSide = Literal["left", "right"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["none", "4bit", "8bit"]
+Quantization = Literal["none", "4bit", "8bit", "fp8"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AttentionLayout = Literal["padded", "packed"]
+VarlenAttention = Literal["auto", "flash", "flex", "sdpa"]
 
 TINY_MODEL = "tiny"
 
@@ -68,7 +70,11 @@ class EmbedderConfig(StrictModel):
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     attn_implementation: AttnImplementation = Field(default="sdpa", description="Attention kernel.")
-    quantization: Quantization = Field(default="none", description="bitsandbytes 4-bit or 8-bit weights.")
+    quantization: Quantization = Field(
+        default="none",
+        description="bitsandbytes 4-bit or 8-bit weights; fp8: float8 weights and activations in the decoder "
+        "layers' matmuls (torch._scaled_mm; Ada/Hopper GPUs; converts the given model's layers in place).",
+    )
     min_pixels: int = Field(
         default=64 * 64, ge=1, description="Smaller images are upscaled to at least this."
     )
@@ -87,9 +93,27 @@ class EmbedderConfig(StrictModel):
         default=16384, ge=1, description="Token budget of one forward pass (padded tokens count)."
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one forward pass.")
+    attention_layout: AttentionLayout = Field(
+        default="padded",
+        description="padded: items of a batch padded to the longest, the model's own attention. packed: items "
+        "laid end to end in one row with variable-length attention (no padding; the fast path on GPUs). "
+        "Both compute the same vectors.",
+    )
+    varlen_attention: VarlenAttention = Field(
+        default="auto",
+        description="Attention kernel of the packed layout: flash (CUDA, bf16/fp16), flex (FlexAttention), "
+        "sdpa (one call per item, anywhere); auto: flash where it checks out, else sdpa.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the decoder layers and vision blocks of the packed layout (compiled once, "
+        "reused by every layer; costs seconds to minutes at start, see benchmarks/NOTES.md).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.compile and self.attention_layout != "packed":
+            raise ValueError("compile=True needs attention_layout='packed'")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if self.instruction is not None and not RECIPES[self.recipe].uses_instruction:
@@ -130,28 +154,72 @@ class EmbedderConfig(StrictModel):
 
 
 SourceKind = Literal["jsonl", "parquet", "csv", "images"]
+KeptType = Literal["string", "int64", "float64", "bool"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class SourceConfig(StrictModel):
-    """One input dataset: a text/pair table (JSONL, Parquet, CSV) or a folder tree of images."""
+    """One input dataset: a text/pair table (JSONL, Parquet, CSV) or a folder tree of images.
+
+    Relative local paths are relative to the directory the job starts in (the uploaded working directory under
+    `ray job submit`). Local files are read by the Ray workers, so on a multi-node cluster they must be on
+    storage every node sees; object-store URIs work everywhere.
+    """
 
     kind: SourceKind = Field(description="jsonl, parquet, csv, or images (a folder tree, recursive)")
     path: str = Field(description="A file, a directory or a glob; local or any URI Ray Data reads.")
     name: str | None = Field(default=None, description="Label in the errors table; default: the path.")
     id_column: str | None = Field(
-        default=None, description="Column with stable ids; default: a content hash."
+        default=None,
+        description="Column with stable ids; default: a content hash of the row's text and image "
+        "(images kind: the path relative to the folder).",
     )
-    text_column: str | None = Field(default=None, description="Column with the text (tables).")
-    image_column: str | None = Field(default=None, description="Column with an image path or image bytes.")
+    text_column: str | None = Field(
+        default=None, description="Column with the text (tables); default: 'text' where the row has one."
+    )
+    image_column: str | None = Field(
+        default=None,
+        description="Column with an image path or image bytes; default: 'image' where the row has one.",
+    )
     image_root: str | None = Field(
         default=None,
         description="Relative image paths are resolved against this; default: the file's folder.",
     )
     keep_columns: list[str] = Field(default_factory=list, description="Source columns copied into the table.")
+    keep_types: dict[str, KeptType] = Field(
+        default_factory=dict,
+        description="Types of kept columns (string, int64, float64, bool); default string. Text values are "
+        "parsed ('2001' -> 2001); a value that does not fit goes to the errors table.",
+    )
     extensions: list[str] = Field(
         default_factory=lambda: list(IMAGE_EXTENSIONS), description="Image file extensions (images kind)."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        undeclared = sorted(set(self.keep_types) - set(self.keep_columns))
+        if undeclared:
+            raise ValueError(f"keep_types names columns that are not in keep_columns: {undeclared}")
+        if self.kind == "images":
+            given = [
+                f for f in ("id_column", "text_column", "image_column", "image_root") if getattr(self, f)
+            ]
+            if given or self.keep_columns:
+                raise ValueError(
+                    f"an images source has no columns: remove {given or ['keep_columns']} "
+                    "(its ids are the paths relative to the folder)"
+                )
+        reserved = {"id", "modality", "text", "image_uri", "vector"} & set(self.keep_columns)
+        if reserved:
+            raise ValueError(f"keep_columns may not name the table's own columns {sorted(reserved)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+WriteMode = Literal["append", "overwrite"]
 
 
 class TableConfig(StrictModel):
@@ -162,6 +230,15 @@ class TableConfig(StrictModel):
     errors_name: str = Field(default="errors", description="The errors table beside it.")
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options (keys, region)."
+    )
+    mode: WriteMode = Field(
+        default="append",
+        description="append: resume into the existing tables (refused if they were embedded differently); "
+        "overwrite: drop both tables and start again.",
+    )
+    retry_errors: bool = Field(
+        default=False,
+        description="Embed again the rows recorded in the errors table (they are skipped otherwise).",
     )
     commit_rows: int = Field(
         default=1024, ge=1, description="Rows per commit; a crash loses at most this much work."
@@ -176,7 +253,9 @@ class ResourcesConfig(StrictModel):
     """The Ray knobs of a backfill."""
 
     ray_address: str | None = Field(
-        default=None, description="Ray cluster address; default: auto, else local."
+        default=None,
+        description="Ray cluster address ('auto': the cluster running on this machine); default: the cluster "
+        "in RAY_ADDRESS (set by `ray job submit`), else a new local Ray.",
     )
     num_gpus_per_actor: float | None = Field(
         default=None,
@@ -184,9 +263,13 @@ class ResourcesConfig(StrictModel):
         description="GPUs per embedding actor (fractions allowed); default: 1 if the cluster "
         "has GPUs, else 0 (the same pool runs on CPU).",
     )
+    num_cpus_per_actor: float = Field(default=1, ge=0, description="CPUs per embedding actor.")
     min_actors: int = Field(default=1, ge=1, description="Smallest embedding actor pool.")
     max_actors: int = Field(default=1, ge=1, description="Largest embedding actor pool.")
     batch_rows: int = Field(default=256, ge=1, description="Rows handed to an embedding actor at a time.")
+    prepare_batch_rows: int = Field(
+        default=64, ge=1, description="Rows per CPU prepare task (decode, resize, tokenize)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -196,7 +279,11 @@ class ResourcesConfig(StrictModel):
 
 
 class ServeConfig(StrictModel):
-    """The HTTP endpoint's own settings (Ray Serve's replica and autoscaling settings live in serve/config.yaml)."""
+    """The HTTP endpoint: where it listens, what it accepts, how it batches, and its replicas.
+
+    The replica settings here are the defaults of the Serve deployment; a Serve config file
+    (serve/config.yaml, `deployments:`) overrides them, as Serve config files always do.
+    """
 
     host: str = Field(default="127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
@@ -205,6 +292,50 @@ class ServeConfig(StrictModel):
         description="Environment variable holding the API key; unset: no key needed.",
     )
     served_model_name: str | None = Field(default=None, description="Model name reported by the API.")
+    # what one request may carry
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="Largest request body (413 above).")
+    max_items_per_request: int = Field(
+        default=256, ge=1, description="Most inputs in one request (413 above)."
+    )
+    max_text_chars: int = Field(default=32_768, ge=1, description="Longest text of one input (422 above).")
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Largest image (width x height) accepted over HTTP, checked before decoding (422 above).",
+    )
+    max_top_k: int = Field(default=100, ge=1, description="Largest top_k of a /search request.")
+    # batching and time
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, description="How long a server batch waits for more requests to join it."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request not answered by then gets 503 with Retry-After."
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with every 503.")
+    # replicas (defaults of the Serve deployment)
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (autoscaling).")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas (autoscaling).")
+    target_ongoing_requests: float = Field(
+        default=16, gt=0, description="Requests per replica the autoscaler aims for (batching wants several)."
+    )
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        default=256,
+        ge=-1,
+        description="Requests queued per proxy before 503 with Retry-After (-1: no limit).",
+    )
+    num_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs per replica; default: 1 if the Ray cluster has GPUs, else 0."
+    )
+    num_cpus: float = Field(default=1, ge=0, description="CPUs per replica.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas})"
+            )
+        return self
 
 
 class Config(StrictModel):

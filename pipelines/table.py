@@ -27,6 +27,9 @@ RUNTIME_OPTIONS = (
     "quantization",
     "max_batch_tokens",
     "max_batch_items",
+    "attention_layout",
+    "varlen_attention",
+    "compile",
 )
 
 

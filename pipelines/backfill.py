@@ -1,0 +1,277 @@
+"""The backfill job: sources -> Ray Data (prepare on CPUs, embed on GPUs) -> LanceDB, resumable, exactly once.
+
+    python -m pipelines.backfill --config job.yaml            # or: vlm-embed backfill --config job.yaml
+    ray job submit --working-dir . -- python -m pipelines.backfill --config job.yaml
+
+Without `--config` it backfills the bundled sample corpus (texts, images, pairs) into ./data/lancedb with the
+tiny offline model. Flags override the config file's values. Python callers use `run_backfill(config)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
+from pipelines.config_flags import add_config_flags
+from pipelines.readers import is_uri
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+SECTIONS = {"embedder": EmbedderConfig, "table": TableConfig, "resources": ResourcesConfig}
+SKIPPED_FLAGS = ("storage_options",)
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    """What a run did. `read == embedded + skipped + errored` (skipped: already done, or a repeated id)."""
+
+    read: int
+    embedded: int
+    skipped: int
+    errored: int
+    already_done: int
+    duplicates: int
+    seconds: float
+    table: str
+    vectors_in_table: int
+    errors_in_table: int
+    indexes: tuple[str, ...] = ()
+
+    @property
+    def adds_up(self) -> bool:
+        return self.read == self.embedded + self.skipped + self.errored
+
+    def line(self) -> str:
+        return (
+            f"backfill: read {self.read} = embedded {self.embedded} + skipped {self.skipped} "
+            f"({self.already_done} already done, {self.duplicates} repeated ids) + errored {self.errored} "
+            f"in {self.seconds:.1f} s; {self.table}: {self.vectors_in_table} vectors, "
+            f"{self.errors_in_table} errors"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_job_config(uri: str | None = None) -> Config:
+    """The bundled sample job (`pipelines/sample_data/backfill.yaml`: texts, pairs, an image folder, the tiny
+    model), with its paths made absolute so it runs from any directory; `uri` replaces its table URI."""
+    from pipelines.sample import SAMPLE_DIR
+
+    config = Config.from_yaml(SAMPLE_DIR / "backfill.yaml")
+    root = SAMPLE_DIR.parent.parent  # the paths in the file are relative to the repository root
+    sources = [s.model_copy(update={"path": str(root / s.path)}) for s in config.sources]
+    table = config.table.model_copy(update={"uri": uri}) if uri else config.table
+    return config.model_copy(update={"sources": sources, "table": table})
+
+
+# -- Ray -----------------------------------------------------------------------------------------------------
+
+
+def connect_ray(resources: ResourcesConfig) -> None:
+    """Join the cluster the job runs on: `ray_address`, else RAY_ADDRESS (set by `ray job submit`), else a new
+    local Ray. A session that is already initialised (a notebook, a test) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = resources.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    ray.init(address=address)
+
+
+def absolute_paths(config: Config, cwd: str) -> Config:
+    """Local relative paths (sources, image roots, the table) made absolute against `cwd`, before Ray starts.
+
+    Under `ray job submit --working-dir`, Ray 2.60 extracts the working dir again when the driver connects,
+    replacing the directory the driver runs in, so relative paths stop resolving after `ray.init`. The
+    absolute path is the same on every node (the session's directory), so workers read the same files."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or is_uri(path):
+            return path
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+
+    sources = [
+        s.model_copy(update={"path": absolute(s.path), "image_root": absolute(s.image_root), "name": s.label})
+        for s in config.sources
+    ]
+    table = config.table.model_copy(update={"uri": absolute(config.table.uri)})
+    return config.model_copy(update={"sources": sources, "table": table})
+
+
+def resolve_num_gpus(resources: ResourcesConfig) -> float:
+    import ray
+
+    if resources.num_gpus_per_actor is not None:
+        return resources.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def embedding_dimension(config: EmbedderConfig) -> int:
+    """The vector size, from the checkpoint's config alone (no weights), checked against `dimensions`."""
+    from transformers import AutoConfig
+
+    from pipelines.loading import ModelLoadError, resolve_model_source
+
+    source = resolve_model_source(config.model)
+    try:
+        hidden = AutoConfig.from_pretrained(source).text_config.hidden_size
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read the model config of {config.model!r}: {exc}") from exc
+    if config.dimensions is not None and config.dimensions > hidden:
+        raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
+    return config.dimensions or hidden
+
+
+# -- the job -------------------------------------------------------------------------------------------------
+
+
+def run_backfill(config: Config) -> BackfillSummary:
+    """Embed every source row into the vectors table or record it in the errors table, exactly once."""
+    from pipelines.readers import read_source
+    from pipelines.sink import BackfillSink
+    from pipelines.stages import build_pipeline, done_set
+
+    start = time.perf_counter()
+    if not config.sources:
+        raise ValueError("the config names no sources")
+    config = absolute_paths(config, os.getcwd())
+    dimension = embedding_dimension(config.embedder)
+    kept = kept_columns(config)
+    connect_ray(config.resources)  # before LanceDB starts its threads: Ray forks its processes
+    sink = BackfillSink(config.table, config.embedder, dimension, kept)
+    done = sink.open()
+    datasets = [read_source(source) for source in config.sources]
+    if done:
+        log.info("resuming: %d ids are already in the tables and will be skipped", len(done))
+    pipeline = build_pipeline(datasets, config, done_set(sorted(done)), resolve_num_gpus(config.resources))
+    try:
+        for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+            sink.write(batch)
+    except BaseException:
+        _commit_what_is_done(sink)
+        raise
+    counts = sink.close()
+    summary = BackfillSummary(
+        read=counts.read,
+        embedded=counts.embedded,
+        skipped=counts.skipped,
+        errored=counts.errored,
+        already_done=counts.already_done,
+        duplicates=counts.duplicates,
+        seconds=time.perf_counter() - start,
+        table=f"{config.table.uri}/{config.table.name}",
+        vectors_in_table=sink.vectors.count_rows(),
+        errors_in_table=sink.errors.count_rows(),
+        indexes=tuple(sink.indexes),
+    )
+    if not summary.adds_up:  # the sink counts every row it receives; this can only be a bug
+        raise RuntimeError(f"the counts do not add up: {summary.line()}")
+    return summary
+
+
+def kept_columns(config: Config) -> dict[str, str]:
+    """Every source's kept columns with their types; one column kept by two sources must have one type."""
+    kept: dict[str, str] = {}
+    for source in config.sources:
+        for name in source.keep_columns:
+            kind = source.keep_types.get(name, "string")
+            if kept.setdefault(name, kind) != kind:
+                raise ValueError(f"kept column {name!r} is {kept[name]} in one source and {kind} in another")
+    return kept
+
+
+def _commit_what_is_done(sink) -> None:
+    """A failing pipeline still commits the finished rows it handed over, so a rerun has less to do."""
+    try:
+        sink.flush_vectors()
+        sink.flush_errors()
+    except Exception as exc:
+        log.warning("could not commit the buffered rows: %s", exc)
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+DESCRIPTION = """\
+Backfill: embed sources (JSONL/CSV/Parquet tables of texts, image paths or bytes, pairs; image folders) into a
+LanceDB vectors table, with an errors table beside it. Rows already in either table are skipped, so rerunning
+the same job resumes it. Without --config, the bundled sample corpus is embedded with the tiny model into
+./data/lancedb. Flags override the config file.
+
+examples:
+  vlm-embed backfill
+  vlm-embed backfill --config job.yaml --retry-errors
+  vlm-embed backfill --source jsonl:docs.jsonl --source images:photos/ --uri ./data/lancedb
+  ray job submit --working-dir . -- python -m pipelines.backfill --config job.yaml
+"""
+
+
+def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="JOB.YAML", help="a job config (pipelines.config.Config as YAML)")
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="KIND:PATH",
+        help="a source (jsonl, csv, parquet or images) instead of the config's; repeatable; columns: "
+        "'id' is not used (content-hash ids), 'text' and 'image' are found by name",
+    )
+    for section in SECTIONS.values():
+        add_config_flags(parser, section, skip=SKIPPED_FLAGS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file (or the sample job), with the flags given on the command line on top."""
+    data = (Config.from_yaml(args.config) if args.config else sample_job_config()).model_dump()
+    for name, section in SECTIONS.items():
+        given = {f: getattr(args, f) for f in section.model_fields if getattr(args, f, None) is not None}
+        data[name] = {**data[name], **given}
+    if args.source:
+        data["sources"] = [_parse_source(spec).model_dump() for spec in args.source]
+    return Config.model_validate(data)
+
+
+def _parse_source(spec: str) -> SourceConfig:
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise ValueError(f"--source {spec!r}: expected KIND:PATH, e.g. jsonl:docs.jsonl or images:photos/")
+    return SourceConfig(kind=kind, path=path)
+
+
+def run_backfill_command(args: argparse.Namespace) -> int:
+    """Run the job from parsed arguments and print the summary line; a bad config is one clear line, exit 2."""
+    from ray.exceptions import RayError
+
+    from pipelines.loading import ModelLoadError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = run_backfill(config_from_args(args))
+    except (FileNotFoundError, ModelLoadError, ValueError) as exc:
+        if isinstance(exc, RayError):  # a failure inside the pipeline: keep Ray's traceback
+            raise
+        print(f"backfill: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.line(), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.backfill",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_backfill_arguments(parser)
+    return run_backfill_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

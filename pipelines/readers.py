@@ -1,0 +1,354 @@
+"""Ray Data sources: JSONL, CSV and Parquet tables (texts, image paths or bytes, pairs) and image folder trees.
+
+Every source becomes the same row layout (`ROW_SCHEMA`): `id`, `source`, `text`, `image_uri` (a path or URI to
+read the image from), `image_bytes` (an image carried inline), `kept` (the columns to keep, as one JSON object),
+`status` (`todo`, or `error` for a row that could not even be read), `stage` and `reason`. A bad line (not JSON,
+not UTF-8, the wrong type in a column) becomes an error row instead of failing the file, so every input row is
+accounted for downstream.
+
+Ids come from `id_column` when the source has one; otherwise they are a content hash (`content_id`): the first
+32 hex digits of the SHA-256 of the canonical JSON `{"image": <the path as written in the row, or
+"sha256:<hex digest of the bytes>">, "text": <the text>}` (keys sorted, ASCII, no spaces). The same row always
+gets the same id, on any machine. An images source uses the path relative to its folder as the id. A line that
+cannot be parsed gets the hash of its raw bytes (`raw_id`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+from pipelines.config import SourceConfig
+
+ROW_COLUMNS = ("id", "source", "text", "image_uri", "image_bytes", "kept", "status", "stage", "reason")
+ROWS_PER_BLOCK = 256
+TABLE_EXTENSIONS = {"jsonl": ["jsonl", "json"], "csv": ["csv"], "parquet": ["parquet"]}
+
+
+def row_schema():
+    import pyarrow as pa
+
+    binary = {"image_bytes"}
+    return pa.schema([pa.field(c, pa.binary() if c in binary else pa.string()) for c in ROW_COLUMNS])
+
+
+def content_id(text: str | None, image_ref: str | None) -> str:
+    """The documented content hash of a row without an id column (see the module docstring)."""
+    canonical = json.dumps({"image": image_ref, "text": text}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
+
+
+def raw_id(raw: bytes) -> str:
+    """The id of a line that could not be parsed: the hash of its bytes."""
+    return hashlib.sha256(b"raw\0" + raw).hexdigest()[:32]
+
+
+def bytes_ref(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+# -- one row -----------------------------------------------------------------------------------------------
+
+
+def error_row(source: SourceConfig, row_id: str, kind: str, message: str) -> dict[str, Any]:
+    return {**_empty(source, row_id), "status": "error", "stage": "read", "reason": f"{kind}: {message}"}
+
+
+def _empty(source: SourceConfig, row_id: str) -> dict[str, Any]:
+    return dict.fromkeys(ROW_COLUMNS) | {"id": row_id, "source": source.label}
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _bad_utf8(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+    return "not valid UTF-8"
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _id_value(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, str) else json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _resolve_image(path: str, root: str) -> str:
+    if is_uri(path) or os.path.isabs(path) or not root:
+        return path
+    return root.rstrip("/") + "/" + path if is_uri(root) else os.path.join(root, path)
+
+
+def build_row(source: SourceConfig, raw: dict[str, Any], base_dir: str, where: str) -> dict[str, Any]:
+    """One input row (a dict of the file's columns) in the common layout, or an error row saying what is wrong."""
+    text_column = source.text_column or ("text" if "text" in raw else None)
+    image_column = source.image_column or ("image" if "image" in raw else None)
+    text = raw.get(text_column) if text_column else None
+    image = raw.get(image_column) if image_column else None
+    problem = None
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            problem = ("invalid_utf8", f"{where}: column {text_column!r} is {_bad_utf8(bytes(text))}")
+            text = None
+    elif text is not None and not isinstance(text, str):
+        problem = (
+            "invalid_row",
+            f"{where}: column {text_column!r} holds a {type(text).__name__}, not a text",
+        )
+        text = None
+    image_uri = image_bytes = image_ref = None
+    if isinstance(image, bytes | bytearray):
+        image_bytes = bytes(image)
+        image_ref = bytes_ref(image_bytes)
+    elif isinstance(image, str) and image.strip():
+        image_ref = image
+        image_uri = _resolve_image(image, source.image_root or base_dir)
+    elif image is not None and not isinstance(image, str):
+        problem = (
+            "invalid_row",
+            f"{where}: column {image_column!r} holds a {type(image).__name__}, not a path",
+        )
+    given_id = _id_value(raw.get(source.id_column)) if source.id_column else None
+    if given_id is not None:
+        row_id = given_id
+    elif problem is None and (text is not None or image_ref is not None):
+        row_id = content_id(text, image_ref)
+    else:  # nothing to hash but the row itself
+        row_id = raw_id(json.dumps(_jsonable(raw), sort_keys=True).encode())
+    if problem is not None:
+        return error_row(source, row_id, *problem)
+    row = _empty(source, row_id) | {"text": text, "image_uri": image_uri, "image_bytes": image_bytes}
+    if source.keep_columns:
+        row["kept"] = json.dumps({c: _jsonable(raw.get(c)) for c in source.keep_columns}, sort_keys=True)
+    return row | {"status": "todo"}
+
+
+# -- JSONL and CSV -----------------------------------------------------------------------------------------
+
+
+def _jsonl_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, Any]]:
+    base_dir = os.path.dirname(path)
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        raw = line.rstrip("\r\n").encode("utf-8", "surrogateescape")
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield error_row(source, raw_id(raw), "invalid_json", f"{where}: not valid JSON ({exc.msg})")
+            continue
+        if isinstance(value, str):
+            value = {source.text_column or "text": value}
+        if not isinstance(value, dict):
+            kind = type(value).__name__
+            yield error_row(source, raw_id(raw), "invalid_row", f"{where}: a JSON {kind}, not an object")
+        elif _has_surrogates(line):
+            given = _id_value(value.get(source.id_column)) if source.id_column else None
+            row_id = given if given and not _has_surrogates(given) else raw_id(raw)
+            yield error_row(source, row_id, "invalid_utf8", f"{where}: the line is {_bad_utf8(raw)}")
+        else:
+            yield build_row(source, value, base_dir, where)
+
+
+def _csv_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, Any]]:
+    import csv
+
+    base_dir = os.path.dirname(path)
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        yield error_row(source, raw_id(path.encode()), "invalid_csv", f"{path}: unreadable header ({exc})")
+        return
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            where = f"{path}:{reader.line_num}"
+            yield error_row(source, raw_id(where.encode()), "invalid_csv", f"{where}: {exc}")
+            continue
+        where = f"{path}:{reader.line_num}"
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            raw = ",".join(fields).encode("utf-8", "surrogateescape")
+            message = f"{where}: {len(fields)} fields, the header has {len(header)}"
+            yield error_row(source, raw_id(raw), "invalid_csv", message)
+            continue
+        raw_row = {name: (value if value != "" else None) for name, value in zip(header, fields, strict=True)}
+        if any(_has_surrogates(f) for f in fields):
+            raw = ",".join(fields).encode("utf-8", "surrogateescape")
+            given = _id_value(raw_row.get(source.id_column)) if source.id_column else None
+            row_id = given if given and not _has_surrogates(given) else raw_id(raw)
+            yield error_row(source, row_id, "invalid_utf8", f"{where}: the row is {_bad_utf8(raw)}")
+            continue
+        yield build_row(source, raw_row, base_dir, where)
+
+
+def _datasource(source: SourceConfig, paths: list[str], **kwargs):
+    """A Ray Data file datasource that parses JSONL/CSV line by line, so one bad line fails only itself."""
+    import io
+
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    parse = _jsonl_rows if source.kind == "jsonl" else _csv_rows
+    schema = row_schema()
+
+    class TableFileDatasource(FileBasedDatasource):
+        def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+            handle = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+            rows: list[dict[str, Any]] = []
+            for row in parse(source, handle, path):
+                rows.append(row)
+                if len(rows) >= ROWS_PER_BLOCK:
+                    yield pa.Table.from_pylist(rows, schema=schema)
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+
+    return TableFileDatasource(paths, **kwargs)
+
+
+# -- Parquet -----------------------------------------------------------------------------------------------
+
+
+def _parquet_batch(batch, source: SourceConfig):
+    import pyarrow as pa
+
+    rows = []
+    for number, raw in enumerate(batch.to_pylist()):
+        path = raw.pop("path", "") or ""
+        rows.append(build_row(source, raw, os.path.dirname(path), f"{path}: row {number}"))
+    return pa.Table.from_pylist(rows, schema=row_schema())
+
+
+# -- image folders -----------------------------------------------------------------------------------------
+
+
+def _has_extension(name: str, extensions: list[str]) -> bool:
+    lowered = name.lower()
+    return any(lowered.endswith(e.lower() if e.startswith(".") else "." + e.lower()) for e in extensions)
+
+
+def list_images(source: SourceConfig) -> list[dict[str, Any]]:
+    """The image files under the folder (recursive, sorted), one row each; an unreadable folder is an error row."""
+    root = source.path
+    if is_uri(root):
+        return _list_images_uri(source)
+    if os.path.isfile(root):
+        return [_empty(source, os.path.basename(root)) | {"image_uri": root, "status": "todo"}]
+    rows: list[dict[str, Any]] = []
+
+    def unreadable(exc: OSError) -> None:
+        rel = os.path.relpath(exc.filename or root, root)
+        rows.append(error_row(source, rel, "image_unreadable", f"cannot list {exc.filename}: {exc.strerror}"))
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
+        dirs.sort()
+        for name in sorted(files):
+            if _has_extension(name, source.extensions):
+                full = os.path.join(folder, name)
+                rel = PurePosixPath(*os.path.relpath(full, root).split(os.sep)).as_posix()
+                rows.append(_empty(source, rel) | {"image_uri": full, "status": "todo"})
+    return rows
+
+
+def _list_images_uri(source: SourceConfig) -> list[dict[str, Any]]:
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(source.path)
+    scheme = source.path.split("://", 1)[0]
+    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    rows = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == fs.FileType.File and _has_extension(info.base_name, source.extensions):
+            rel = info.path[len(root) :].lstrip("/")
+            rows.append(_empty(source, rel) | {"image_uri": f"{scheme}://{info.path}", "status": "todo"})
+    return rows
+
+
+# -- sources -----------------------------------------------------------------------------------------------
+
+
+def expand_paths(source: SourceConfig) -> list[str]:
+    """Local globs expanded; a missing local path is a configuration error, raised before anything runs."""
+    if is_uri(source.path):
+        return [source.path]
+    if glob.has_magic(source.path):
+        found = sorted(glob.glob(source.path, recursive=True))
+        if not found:
+            raise FileNotFoundError(f"source {source.label!r}: no files match {source.path}")
+        return found
+    if not os.path.exists(source.path):
+        raise FileNotFoundError(f"source {source.label!r}: {source.path} does not exist")
+    return [source.path]
+
+
+def read_source(source: SourceConfig):
+    """One source as a Ray Dataset of rows in the common layout."""
+    import pyarrow as pa
+    import ray
+
+    if source.kind == "images":
+        paths = expand_paths(source)
+        rows = [row for path in paths for row in list_images(source.model_copy(update={"path": path}))]
+        if not rows:
+            raise FileNotFoundError(
+                f"source {source.label!r}: no {source.extensions} files under {source.path}"
+            )
+        schema = row_schema()
+        chunks = [rows[i : i + ROWS_PER_BLOCK] for i in range(0, len(rows), ROWS_PER_BLOCK)]
+        return ray.data.from_arrow([pa.Table.from_pylist(chunk, schema=schema) for chunk in chunks])
+    paths = expand_paths(source)
+    directory = len(paths) == 1 and not is_uri(paths[0]) and os.path.isdir(paths[0])
+    extensions = TABLE_EXTENSIONS[source.kind] if directory else None
+    if source.kind == "parquet":
+        ds = ray.data.read_parquet(paths, include_paths=True, file_extensions=extensions)
+        return ds.map_batches(
+            _parquet_batch, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK, fn_kwargs={"source": source}
+        )
+    return ray.data.read_datasource(_datasource(source, paths, file_extensions=extensions))

@@ -1,0 +1,117 @@
+"""`vlm-embed search`: embed a text and/or image query the way the table was embedded, and print the nearest rows.
+
+The embedder is built from the configuration the table records (`pipelines.table.recorded_embedder_config`),
+so a query always goes through the same model, recipe, pooling, layer and dimension as the corpus; only
+runtime options (device, dtype) may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipelines.config import TableConfig
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Search a vectors table made by `vlm-embed backfill`: embed the query (TEXT, --image FILE, or both for a
+text+image query) with the table's recorded embedder configuration, and print the top-k rows by cosine
+similarity: rank, score, id, and the row's text (or its image path).
+
+examples:
+  vlm-embed search "a red circle" --table ./data/lancedb --top-k 3
+  vlm-embed search --image photo.png --table ./data/lancedb
+  vlm-embed search "shapes" --where "modality = 'text'" --json
+"""
+
+
+def search(
+    table_config: TableConfig,
+    text: str | None = None,
+    image: Any = None,
+    *,
+    top_k: int = 10,
+    where: str | None = None,
+    instruction: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    embedder=None,
+) -> list[dict[str, Any]]:
+    """The `top_k` nearest rows to the query, as dicts with id, score, modality, text and image_uri.
+
+    `embedder`: an already loaded `Embedder` to reuse (checked against the table); default: one built from
+    the table's recorded configuration."""
+    from pipelines.embedder import Embedder
+    from pipelines.table import check_matches, open_vectors_table, recorded_embedder_config, search_table
+
+    if text is None and image is None:
+        raise ValueError("nothing to search for: give a text and/or an image")
+    table = open_vectors_table(table_config)
+    if embedder is None:
+        embedder = Embedder.from_config(recorded_embedder_config(table, device=device, dtype=dtype))
+    check_matches(table, embedder.config, embedder.get_embedding_dimension())
+    item: dict[str, Any] = {}
+    if text is not None:
+        item["text"] = text
+    if image is not None:
+        item["image"] = image
+    if instruction is not None:
+        item["instruction"] = instruction
+    vector = embedder.embed_batch([item])[0]
+    return search_table(table, vector, top_k=top_k, where=where)
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="?", metavar="TEXT", help="the query text")
+    parser.add_argument("--image", metavar="FILE", help="a query image (with TEXT: a text+image query)")
+    parser.add_argument(
+        "--table", default="./data/lancedb", metavar="URI", help="the LanceDB (default: %(default)s)"
+    )
+    parser.add_argument("--name", default="vectors", help="the vectors table's name (default: %(default)s)")
+    parser.add_argument(
+        "--top-k", type=int, default=10, metavar="K", help="rows to return (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--where", metavar="SQL", help="a filter on the table's columns, e.g. \"modality = 'image'\""
+    )
+    parser.add_argument(
+        "--instruction", help="a query instruction (recipes that take one, e.g. qwen3-vl-embedding)"
+    )
+    parser.add_argument("--device", help="where to run the query embedder (default: auto)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="its precision")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of columns")
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from pipelines.loading import ModelLoadError
+    from pipelines.table import TableConfigMismatch, TableNotFound
+
+    if args.top_k < 1:
+        print("search: error: --top-k must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        rows = search(
+            TableConfig(uri=args.table, name=args.name),
+            args.text,
+            args.image,
+            top_k=args.top_k,
+            where=args.where,
+            instruction=args.instruction,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    except (TableNotFound, TableConfigMismatch, ModelLoadError, ValueError) as exc:
+        print(f"search: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for rank, row in enumerate(rows, start=1):
+        if args.json:
+            print(json.dumps({"rank": rank, **row}))
+        else:
+            shown = row["text"] if row["text"] is not None else row["image_uri"]
+            print(f"{rank}\t{row['score']:.4f}\t{row['id']}\t{shown}")
+    if not rows:
+        print("no rows (is the table empty?)", file=sys.stderr)
+    return 0

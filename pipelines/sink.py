@@ -1,0 +1,286 @@
+"""The sink of a backfill: one writer, on the driver, committing bounded chunks through LanceDB's own API.
+
+Why one writer: Lance commits are optimistic, and many concurrent committers on one table conflict at scale;
+Ray 2.60's `write_lance` does not work with current pylance. Embedding, not writing, is the bottleneck, so one
+process appending `commit_rows` rows per commit keeps up, and it can keep the invariant that matters:
+
+    every input row ends in the vectors table or the errors table, exactly once, also after a crash and a rerun.
+
+- Resume: at start, the ids in both tables are "done" and are dropped before the CPU stage (`stages.mark_done`).
+- Within a run, an id seen twice (the same content twice, or a repeated id column value) is written once; the
+  repeats count as skipped.
+- Each commit is atomic. A crash loses at most the uncommitted buffers, whose rows are in neither table and
+  are simply done again by the rerun.
+- Errors are upserted by id. With `retry_errors`, a retried row that now succeeds is deleted from the errors
+  table right after its vector is committed; a crash between the two commits leaves the id in both tables,
+  which the next start repairs (the vectors table wins), before anything else.
+
+The driver holds the ids of both tables and of this run in memory (about 100 bytes an id), and the workers a
+16-byte digest per done id. One backfill writes to a table at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
+
+log = logging.getLogger(__name__)
+
+VECTOR_COLUMNS = ("id", "modality", "text", "image_uri", "vector")
+
+
+@dataclass
+class SinkCounts:
+    """read = embedded + skipped + errored; skipped = already done + repeated ids."""
+
+    read: int = 0
+    embedded: int = 0
+    errored: int = 0
+    already_done: int = 0
+    duplicates: int = 0
+    commits: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.already_done + self.duplicates
+
+
+def sql_in(ids: list[str]) -> str:
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    return f"id IN ({quoted})"
+
+
+def table_ids(table) -> set[str]:
+    return set(table.search().select(["id"]).limit(None).to_arrow()["id"].to_pylist())
+
+
+def _open(db, name: str):
+    try:
+        return db.open_table(name)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class BackfillSink:
+    """Open (and check) the tables, hand out the done ids, take the pipeline's rows, commit, then index."""
+
+    def __init__(
+        self, table: TableConfig, embedder: EmbedderConfig, dimension: int, kept: dict[str, str] | None = None
+    ):
+        """`kept`: the kept columns and their types (`SourceConfig.keep_types`; string unless declared)."""
+        self.config = table
+        self.embedder = embedder
+        self.dimension = dimension
+        self.kept_types = dict(kept or {})
+        self.keep_columns = list(self.kept_types)
+        self.counts = SinkCounts()
+        self.db = self.vectors = self.errors = None
+        self.seen: set[str] = set()
+        self.done: set[str] = set()
+        self.retried: set[str] = set()
+        self._vector_parts: list = []
+        self._error_rows: list[dict[str, Any]] = []
+        self.indexes: list[str] = []
+
+    # -- start ---------------------------------------------------------------------------------------------
+
+    def open(self) -> set[str]:
+        """Check (or drop, with mode=overwrite) the tables, repair a crash, and return the ids to skip."""
+        self.db = connect(self.config)
+        if self.config.mode == "overwrite":
+            for name in (self.config.name, self.config.errors_name):
+                self.db.drop_table(name, ignore_missing=True)
+        self.vectors = _open(self.db, self.config.name)
+        if self.vectors is not None:
+            check_matches(self.vectors, self.embedder, self.dimension)
+            missing = [c for c in self.keep_columns if c not in self.vectors.schema.names]
+            if missing:
+                raise TableConfigMismatch(
+                    f"table {self.config.name!r} has no column(s) {missing} to keep; "
+                    "use mode: overwrite to rebuild it with them"
+                )
+        self.errors = _open(self.db, self.config.errors_name)
+        if self.errors is None:
+            self.errors = self.db.create_table(self.config.errors_name, schema=errors_schema())
+        vector_ids = table_ids(self.vectors) if self.vectors is not None else set()
+        error_ids = table_ids(self.errors)
+        both = sorted(vector_ids & error_ids)
+        if both:  # a crash between a retried row's vector commit and its error deletion
+            log.info("repairing %d ids found in both tables (keeping their vectors)", len(both))
+            self._delete_errors(both)
+            error_ids -= set(both)
+        self.retried = error_ids if self.config.retry_errors else set()
+        self.done = vector_ids | (set() if self.config.retry_errors else error_ids)
+        return self.done
+
+    # -- rows ----------------------------------------------------------------------------------------------
+
+    def write(self, batch) -> None:
+        """Take one batch of the pipeline's output (`stages.output_schema`); commit when a buffer is full."""
+        ids = batch["id"].to_pylist()
+        status = batch["status"].to_pylist()
+        take: list[int] = []
+        for i, (row_id, state) in enumerate(zip(ids, status, strict=True)):
+            self.counts.read += 1
+            if row_id in self.seen:
+                self.counts.duplicates += 1
+                continue
+            self.seen.add(row_id)
+            if state == "ok":
+                take.append(i)
+            elif state == "done" and row_id in self.done:
+                self.counts.already_done += 1
+            elif state == "done":  # a 128-bit digest collision: never expected, never silent
+                self._error(row_id, batch["source"][i].as_py(), "resume", "id digest collision; rerun it")
+            elif state == "error":
+                self._error(
+                    row_id, batch["source"][i].as_py(), batch["stage"][i].as_py(), batch["reason"][i].as_py()
+                )
+            else:
+                raise RuntimeError(f"row {row_id!r} reached the sink with status {state!r}")
+        if take:
+            self._vector_parts.append(batch.take(take))
+        if sum(p.num_rows for p in self._vector_parts) >= self.config.commit_rows:
+            self.flush_vectors()
+        if len(self._error_rows) >= self.config.commit_rows:
+            self.flush_errors()
+
+    def _error(self, row_id: str, source: str, stage: str, reason: str) -> None:
+        self._error_rows.append({"id": row_id, "source": source, "stage": stage, "reason": reason})
+
+    # -- commits -------------------------------------------------------------------------------------------
+
+    def flush_vectors(self) -> None:
+        import pyarrow as pa
+
+        if not self._vector_parts:
+            return
+        rows = pa.concat_tables(self._vector_parts)
+        self._vector_parts = []
+        kept, bad = self._kept_columns(rows)
+        if bad:
+            good = [i for i in range(rows.num_rows) if i not in bad]
+            for i, reason in sorted(bad.items()):
+                self._error(rows["id"][i].as_py(), rows["source"][i].as_py(), "write", reason)
+            rows = rows.take(good)
+            kept = {name: column.take(good) for name, column in kept.items()}
+        if rows.num_rows == 0:
+            return
+        if self.vectors is None:
+            self.vectors = self.db.create_table(self.config.name, schema=self._schema())
+        schema = self.vectors.schema
+        data = pa.table(
+            [rows[c].cast(schema.field(c).type) for c in VECTOR_COLUMNS]
+            + [kept[c] for c in self.keep_columns],
+            schema=schema,
+        )
+        self.vectors.add(data)
+        self.counts.embedded += data.num_rows
+        self.counts.commits += 1
+        log.info("committed %d vectors (%d in this run)", data.num_rows, self.counts.embedded)
+        retried = sorted(self.retried.intersection(data["id"].to_pylist()))
+        if retried:  # they succeeded this time: their old error rows go
+            self._delete_errors(retried)
+
+    def flush_errors(self) -> None:
+        import pyarrow as pa
+
+        if not self._error_rows:
+            return
+        data = pa.Table.from_pylist(self._error_rows, schema=errors_schema())
+        self._error_rows = []
+        merge = self.errors.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+        merge.execute(data)
+        self.counts.errored += data.num_rows
+        self.counts.commits += 1
+        log.info("committed %d error rows (%d in this run)", data.num_rows, self.counts.errored)
+
+    def _delete_errors(self, ids: list[str]) -> None:
+        for start in range(0, len(ids), 1000):
+            self.errors.delete(sql_in(ids[start : start + 1000]))
+
+    def _schema(self):
+        import pyarrow as pa
+
+        fields = [pa.field(name, pa.type_for_alias(kind)) for name, kind in self.kept_types.items()]
+        return vectors_schema(self.embedder, self.dimension, fields)
+
+    def _kept_columns(self, rows) -> tuple[dict[str, Any], dict[int, str]]:
+        """The kept columns as Arrow arrays of the table's types, and the rows whose values do not fit them."""
+        if not self.keep_columns:
+            return {}, {}
+        parsed = [json.loads(k) if k else {} for k in rows["kept"].to_pylist()]
+        schema = self.vectors.schema if self.vectors is not None else self._schema()
+        columns, bad = {}, {}
+        for name in self.keep_columns:
+            target = schema.field(name).type
+            values = [p.get(name) for p in parsed]
+            try:
+                columns[name] = _fit(values, target)
+                continue
+            except ValueError:
+                pass
+            fitted = []
+            for i, value in enumerate(values):
+                try:
+                    _fit([value], target)
+                    fitted.append(value)
+                except ValueError:
+                    bad.setdefault(
+                        i, f"kept_column: {name!r} value {value!r} does not fit the column's {target}"
+                    )
+                    fitted.append(None)
+            columns[name] = _fit(fitted, target)
+        return columns, bad
+
+    # -- end -----------------------------------------------------------------------------------------------
+
+    def close(self) -> SinkCounts:
+        """Commit what is buffered, make sure the vectors table exists, and build the indexes."""
+        self.flush_vectors()
+        self.flush_errors()
+        if self.vectors is None:
+            self.vectors = self.db.create_table(self.config.name, schema=self._schema())
+        self.build_indexes()
+        return self.counts
+
+    def build_indexes(self) -> None:
+        """Compact this run's commits, then a cosine vector index above the size threshold and a full-text index
+        on `text`. An index is an optimisation: failing to build one is logged, never fatal."""
+        from lancedb.index import FTS, IvfPq
+
+        table = self.vectors
+        try:
+            if self.counts.commits:
+                table.optimize()  # merges this run's small commits, adds its rows to the existing indexes
+            rows = table.count_rows()
+            indexed = {column for index in table.list_indices() for column in index.columns}
+            if "vector" not in indexed and rows >= self.config.vector_index_min_rows:
+                table.create_index("vector", config=IvfPq(distance_type="cosine"))
+                log.info("built a cosine IVF_PQ index over %d vectors", rows)
+            if self.config.fts_index and "text" not in indexed and rows:
+                table.create_index("text", config=FTS())
+            self.indexes = sorted(c for index in table.list_indices() for c in index.columns)
+        except Exception as exc:
+            log.warning("could not build the indexes of %s: %s", self.config.name, exc)
+
+
+def _fit(values: list[Any], target):
+    """Values as an Arrow array of `target`: text is parsed ('2001' -> 2001), other values are converted;
+    strings take anything (non-strings as JSON). Raises ValueError when a value does not fit."""
+    import pyarrow as pa
+
+    if pa.types.is_string(target):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], target)
+    try:
+        if any(isinstance(v, str) for v in values):
+            text = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+            return pa.array(text, pa.string()).cast(target)
+        return pa.array(values, target)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+        raise ValueError(str(exc)) from exc

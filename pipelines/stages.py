@@ -1,0 +1,346 @@
+"""The Ray Data stages of a backfill, between the readers and the sink.
+
+1. `mark_done` (CPU, fused into the read tasks): rows whose id is already in the vectors or errors table become
+   `done`, so a resumed job never prepares or embeds them again.
+2. `prepare_batch` (CPU, Ray Data tasks): `Preparer.prepare` on every `todo` row: image read and decode, EXIF
+   orientation, RGB, resize, prompt template, tokenization, positions. Only the tokenizer and the image
+   processor are loaded here, never the weights. A bad row becomes an `error` row (stage `prepare`).
+3. `EmbedActor` (GPU, an actor pool): holds one `Embedder`; runs `embed_prepared` on the batch's prepared rows.
+   A failing forward pass is bisected down to the failing items, which become `error` rows (stage `embed`),
+   so one bad item never loses the rest of its batch.
+
+Every stage returns exactly one row per input row (checked), with the status `todo`/`done`/`error`/`ok`, so
+the sink can account for every input row. Blocks are Arrow tables with fixed schemas end to end.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import Config, EmbedderConfig
+from pipelines.metrics import PipelineMetrics
+from pipelines.readers import is_uri
+
+PASS_COLUMNS = ("id", "source", "text", "image_uri", "kept", "status", "stage", "reason")
+ARRAY_COLUMNS = {
+    "input_ids": "int64",
+    "position_ids": "int64",
+    "pixel_values": "float32",
+    "pixel_shape": "int64",
+    "image_grid_thw": "int64",
+}
+LARGE_COLUMNS = {"pixel_values"}  # may pass 2**31 values in one block
+
+
+def prepared_schema():
+    import pyarrow as pa
+
+    arrays = [pa.field(c, _list_type(c)) for c in ARRAY_COLUMNS]
+    return pa.schema(
+        [pa.field(c, pa.string()) for c in PASS_COLUMNS]
+        + [pa.field("modality", pa.string()), *arrays, pa.field("truncated", pa.bool_())]
+    )
+
+
+def output_schema(dimension: int):
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field(c, pa.string()) for c in PASS_COLUMNS]
+        + [pa.field("modality", pa.string()), pa.field("vector", pa.list_(pa.float32(), dimension))]
+    )
+
+
+def _check_count(batch, out) -> Any:
+    if out.num_rows != batch.num_rows:  # a stage that loses or duplicates rows is a bug, never silent
+        raise RuntimeError(f"stage produced {out.num_rows} rows for {batch.num_rows}")
+    return out
+
+
+# -- 1. resume: mark rows already done ---------------------------------------------------------------------
+
+
+def id_digests(ids: list[str]) -> np.ndarray:
+    """128-bit digests of ids: a compact, exact-in-practice set to ship to every worker."""
+    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
+def done_set(ids: list[str]) -> np.ndarray:
+    return np.unique(id_digests(ids))
+
+
+def mark_done(batch, done: np.ndarray):
+    """Rows whose id is in `done` (sorted digests) get status `done` and drop their inline image bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if batch.num_rows == 0 or len(done) == 0:
+        return batch
+    digests = id_digests(batch["id"].to_pylist())
+    positions = np.minimum(np.searchsorted(done, digests), len(done) - 1)
+    hit = pa.array(done[positions] == digests)
+    status = pc.if_else(hit, pa.scalar("done"), batch["status"])
+    image_bytes = pc.if_else(hit, pa.scalar(None, pa.binary()), batch["image_bytes"])
+    out = batch.set_column(batch.schema.get_field_index("status"), "status", status)
+    return out.set_column(out.schema.get_field_index("image_bytes"), "image_bytes", image_bytes)
+
+
+# -- 2. prepare on CPUs ------------------------------------------------------------------------------------
+
+
+def build_preparer(config: EmbedderConfig):
+    """The same `Preparer` an `Embedder` builds, from the tokenizer and image processor only (no weights)."""
+    from pipelines.loading import load_processor_parts, resolve_model_source
+    from pipelines.prepare import Preparer
+
+    tokenizer, image_processor = load_processor_parts(resolve_model_source(config.model))
+    return Preparer(
+        tokenizer,
+        image_processor,
+        recipe=config.recipe,
+        instruction=config.resolved_instruction,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+        max_image_pixels=config.max_image_pixels,
+        max_length=config.max_length,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_preparer(config_json: str):
+    return build_preparer(EmbedderConfig.model_validate_json(config_json))
+
+
+def _read_uri(uri: str) -> bytes:
+    """Image bytes from an object-store URI (local paths are read by `load_image` itself)."""
+    from pyarrow import fs
+
+    from pipelines.items import ImageNotFoundError
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(path) as handle:
+            return handle.readall()
+    except (OSError, ValueError) as exc:
+        raise ImageNotFoundError(f"cannot read image {uri}: {exc}") from exc
+
+
+def _item(row: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if row["text"] is not None:
+        item["text"] = row["text"]
+    if row["image_bytes"] is not None:
+        item["image"] = row["image_bytes"]
+    elif row["image_uri"] is not None:
+        uri = row["image_uri"]
+        item["image"] = _read_uri(uri) if is_uri(uri) else uri
+    return item
+
+
+def _list_type(column: str):
+    import pyarrow as pa
+
+    value_type = pa.from_numpy_dtype(np.dtype(ARRAY_COLUMNS[column]))
+    return pa.large_list(value_type) if column in LARGE_COLUMNS else pa.list_(value_type)
+
+
+def _list_array(arrays: list[np.ndarray], column: str):
+    """One Arrow list column from per-row numpy arrays, built from one buffer and offsets (no per-item copy)."""
+    import pyarrow as pa
+
+    dtype = ARRAY_COLUMNS[column]
+    large = column in LARGE_COLUMNS
+    offsets = np.zeros(len(arrays) + 1, np.int64 if large else np.int32)
+    np.cumsum([a.size for a in arrays], out=offsets[1:])
+    values = pa.array(
+        np.concatenate([np.asarray(a, dtype).reshape(-1) for a in arrays] or [np.zeros(0, dtype)])
+    )
+    array_class = pa.LargeListArray if large else pa.ListArray
+    return array_class.from_arrays(pa.array(offsets), values)
+
+
+def prepare_batch(batch, config_json: str):
+    """CPU stage: `todo` rows -> token ids, positions and pixels; bad rows -> `error` (stage `prepare`)."""
+    import pyarrow as pa
+
+    from pipelines.items import ItemError
+
+    preparer = _cached_preparer(config_json)
+    metrics = PipelineMetrics()
+    rows = batch.to_pylist()
+    out: dict[str, list] = {c: [] for c in (*PASS_COLUMNS, "modality", *ARRAY_COLUMNS, "truncated")}
+    empty = {c: np.zeros(0, t) for c, t in ARRAY_COLUMNS.items()}
+    read_errors = prepare_errors = 0
+    for row in rows:
+        arrays, modality, truncated = empty, None, False
+        if row["status"] == "todo":
+            try:
+                prepared = preparer.prepare(_item(row)).to_row()
+                arrays = {c: prepared[c] for c in ARRAY_COLUMNS}
+                modality, truncated = prepared["modality"], bool(prepared["truncated"])
+            except ItemError as exc:
+                row |= {"status": "error", "stage": "prepare", "reason": f"{exc.kind}: {exc.reason}"}
+            except Exception as exc:  # a decoder bug on one odd file must not fail the other rows
+                reason = f"unexpected: {type(exc).__name__}: {exc}"
+                row |= {"status": "error", "stage": "prepare", "reason": reason}
+            prepare_errors += row["status"] == "error"
+        elif row["status"] == "error":
+            read_errors += 1
+        for c in PASS_COLUMNS:
+            out[c].append(row[c])
+        for c in ARRAY_COLUMNS:
+            out[c].append(arrays[c])
+        out["modality"].append(modality)
+        out["truncated"].append(truncated)
+    metrics.errors("read", read_errors)
+    metrics.errors("prepare", prepare_errors)
+    schema = prepared_schema()
+    columns = [
+        _list_array(out[f.name], f.name) if f.name in ARRAY_COLUMNS else pa.array(out[f.name], f.type)
+        for f in schema
+    ]
+    return _check_count(batch, pa.Table.from_arrays(columns, schema=schema))
+
+
+# -- 3. embed on GPUs --------------------------------------------------------------------------------------
+
+
+def _rows_of(column) -> list[np.ndarray]:
+    """The per-row numpy arrays of an Arrow list column (zero-copy slices of one buffer)."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+class EmbedActor:
+    """One `Embedder` per actor (on its GPU, or the CPU when the pool has `num_gpus=0`)."""
+
+    def __init__(self, config_json: str):
+        from pipelines.embedder import Embedder
+
+        config = EmbedderConfig.model_validate_json(config_json)
+        self.embedder = Embedder.from_config(config)
+        self.dimension = self.embedder.get_embedding_dimension()
+        self.metrics = PipelineMetrics()
+        if getattr(config, "compile", False):  # compile before taking work, not inside the first batch
+            self.embedder.warm_up()
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from pipelines.prepare import PreparedItem
+
+        status = batch["status"].to_pylist()
+        stage, reason = batch["stage"].to_pylist(), batch["reason"].to_pylist()
+        modality = batch["modality"].to_pylist()
+        todo = [i for i, s in enumerate(status) if s == "todo"]
+        vectors = np.zeros((batch.num_rows, self.dimension), np.float32)
+        if todo:
+            arrays = {c: _rows_of(batch[c]) for c in ARRAY_COLUMNS}
+            truncated = batch["truncated"].to_pylist()
+            prepared = [
+                PreparedItem.from_row(
+                    {c: arrays[c][i] for c in ARRAY_COLUMNS}
+                    | {"modality": modality[i], "truncated": truncated[i]}
+                )
+                for i in todo
+            ]
+            embedded = []
+            for i, item, result in zip(todo, prepared, self._embed(prepared), strict=True):
+                if isinstance(result, str):
+                    status[i], stage[i], reason[i] = "error", "embed", result
+                else:
+                    status[i], vectors[i] = "ok", result
+                    embedded.append(item)
+            self._record(embedded, errors=len(todo) - len(embedded))
+        columns = {c: batch[c] for c in PASS_COLUMNS if c not in ("status", "stage", "reason")}
+        out = pa.table(
+            columns
+            | {
+                "status": pa.array(status, pa.string()),
+                "stage": pa.array(stage, pa.string()),
+                "reason": pa.array(reason, pa.string()),
+                "modality": batch["modality"],
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dimension),
+            }
+        ).select(output_schema(self.dimension).names)
+        return _check_count(batch, out)
+
+    def _record(self, embedded: list, errors: int) -> None:
+        for modality in {item.modality for item in embedded}:
+            self.metrics.items_embedded(modality, sum(item.modality == modality for item in embedded))
+        self.metrics.tokens(sum(item.num_tokens for item in embedded))
+        self.metrics.images(sum(item.pixel_values is not None for item in embedded))
+        self.metrics.errors("embed", errors)
+
+    def _embed(self, items: list) -> list[np.ndarray | str]:
+        """Vectors for the items, or for each failing item the reason; a failing batch is split in halves."""
+        start = time.perf_counter()
+        try:
+            vectors = self.embedder.embed_prepared(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [f"forward_failed: {type(exc).__name__}: {exc}"]
+            half = len(items) // 2
+            return self._embed(items[:half]) + self._embed(items[half:])
+        self.metrics.batch(time.perf_counter() - start, len(items))
+        finite = np.isfinite(vectors).all(axis=1)
+        return [
+            v if ok else "forward_failed: the vector is not finite"
+            for v, ok in zip(vectors, finite, strict=True)
+        ]
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------
+
+
+def prepare_memory(config: Config) -> int:
+    """Bytes one prepare task may hold at its peak: the worker with its tokenizer, and every row an image at
+    `max_pixels` as float32 patches."""
+    per_row = config.embedder.max_pixels * 3 * 2 * 4 + 2**20  # channels x temporal patch x float32, + text
+    return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
+
+
+def build_pipeline(datasets: list, config: Config, done: np.ndarray, num_gpus: float):
+    """Per source: read -> mark done; then, for all: prepare (CPU tasks) -> embed (actor pool), one lazy Dataset.
+
+    The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it
+    can hold. As their resources differ from the read's and the actors', Ray Data also keeps them a separate
+    operator: a large file is prepared by many tasks, and the actors never decode while their GPU waits.
+    """
+    import ray
+
+    resources = config.resources
+    embedder_json = config.embedder.model_dump_json()
+    marked = [
+        ds.map_batches(
+            mark_done, batch_format="pyarrow", fn_kwargs={"done": done}, udf_modifying_row_count=False
+        )
+        for ds in datasets
+    ]
+    ds = marked[0].union(*marked[1:]) if len(marked) > 1 else marked[0]
+    ds = ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        batch_size=resources.prepare_batch_rows,
+        fn_kwargs={"config_json": embedder_json},
+        udf_modifying_row_count=False,
+        num_cpus=1,
+        memory=prepare_memory(config),
+    )
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"config_json": embedder_json},
+        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        batch_size=resources.batch_rows,
+        batch_format="pyarrow",
+        num_gpus=num_gpus,
+        num_cpus=resources.num_cpus_per_actor,
+        udf_modifying_row_count=False,
+    )

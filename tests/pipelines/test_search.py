@@ -1,0 +1,93 @@
+"""Search embeds the query with the table's recorded configuration and finds a row's own content first."""
+
+import pyarrow as pa
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.search import search
+from pipelines.sink import BackfillSink
+from pipelines.stages import output_schema
+from pipelines.table import TableConfigMismatch
+from tests.conftest import make_image
+
+TEXTS = {"t-red": "a red circle on white", "t-blue": "a blue square on white", "t-sky": "the sky at night"}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, embedder):
+    """A small table written through the backfill's sink with the embedder's own vectors."""
+    folder = tmp_path_factory.mktemp("search")
+    image = folder / "stripes.png"
+    make_image(11, (64, 64)).save(image)
+    items = {
+        **TEXTS,
+        "i-stripes": {"image": str(image)},
+        "p-stripes": {"text": "stripes", "image": str(image)},
+    }
+    vectors = embedder.embed_batch(list(items.values()))
+    dim = embedder.get_embedding_dimension()
+    rows = pa.table(
+        {
+            "id": list(items),
+            "source": ["test"] * len(items),
+            "text": [v if isinstance(v, str) else v.get("text") for v in items.values()],
+            "image_uri": [None if isinstance(v, str) else v["image"] for v in items.values()],
+            "kept": [None] * len(items),
+            "status": ["ok"] * len(items),
+            "stage": [None] * len(items),
+            "reason": [None] * len(items),
+            "modality": ["text"] * 3 + ["image", "text+image"],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        },
+        schema=output_schema(dim),
+    )
+    config = TableConfig(uri=str(folder / "db"))
+    sink = BackfillSink(config, embedder.config, dim)
+    sink.open()
+    sink.write(rows)
+    sink.close()
+    return config, image
+
+
+def test_an_exact_text_finds_its_own_row_first(table):
+    config, _ = table
+    for row_id, text in TEXTS.items():
+        rows = search(config, text, top_k=2)
+        assert rows[0]["id"] == row_id and rows[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert rows[0]["score"] > rows[1]["score"] and rows[0]["text"] == text
+
+
+def test_an_image_query_and_a_pair_query_find_their_rows(table, embedder):
+    config, image = table
+    assert search(config, image=str(image), top_k=1, embedder=embedder)[0]["id"] == "i-stripes"
+    assert search(config, "stripes", str(image), top_k=1, embedder=embedder)[0]["id"] == "p-stripes"
+    only_images = search(config, "stripes", top_k=5, where="modality = 'image'", embedder=embedder)
+    assert [r["id"] for r in only_images] == ["i-stripes"]
+
+
+def test_a_query_embedder_with_another_configuration_is_refused(table, tiny_model_dir):
+    from pipelines.embedder import Embedder
+
+    config, _ = table
+    other = Embedder.from_config(EmbedderConfig(model=str(tiny_model_dir), pooling="last", device="cpu"))
+    with pytest.raises(TableConfigMismatch, match="pooling: table has 'mean', asked for 'last'"):
+        search(config, "anything", embedder=other)
+
+
+def test_the_command_prints_rank_score_id_and_text(table, capsys):
+    config, _ = table
+    assert main(["search", "the sky at night", "--table", config.uri, "--top-k", "2", "--device", "cpu"]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    rank, score, row_id, text = first.split("\t")
+    assert (rank, row_id, text) == ("1", "t-sky", "the sky at night") and float(score) == pytest.approx(
+        1, abs=1e-4
+    )
+    assert second.startswith("2\t")
+
+
+def test_the_command_reports_a_missing_table_or_an_empty_query_clearly(tmp_path, capsys):
+    assert main(["search", "x", "--table", str(tmp_path / "nothing-here")]) == 2
+    assert "search: error: no table 'vectors' at" in capsys.readouterr().err
+    assert main(["search", "--table", str(tmp_path)]) == 2
+    assert "nothing to search for" in capsys.readouterr().err

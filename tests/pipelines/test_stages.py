@@ -1,0 +1,132 @@
+"""The stages: done rows are marked, prepare runs without weights, the actor embeds and bisects failures."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.config import Config, EmbedderConfig, ResourcesConfig
+from pipelines.prepare import PreparedItem
+from pipelines.readers import row_schema
+from pipelines.stages import (
+    EmbedActor,
+    build_pipeline,
+    build_preparer,
+    done_set,
+    mark_done,
+    prepare_batch,
+    prepared_schema,
+)
+from tests.conftest import image_bytes, make_image
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return EmbedderConfig(model=str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def rows(*specs: dict) -> pa.Table:
+    """Reader rows: dicts with id and some of text, image_uri, image_bytes, status, stage, reason."""
+    full = [{"source": "test", "status": "todo", **spec} for spec in specs]
+    return pa.Table.from_pylist(full, schema=row_schema())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stage-images")
+    path = folder / "photo.png"
+    make_image(7, (90, 70)).save(path)
+    return rows(
+        {"id": "text", "text": "a plain text"},
+        {"id": "image", "image_uri": str(path)},
+        {"id": "pair", "text": "a caption", "image_bytes": image_bytes(8, (50, 80))},
+        {"id": "blank", "text": "  "},
+        {"id": "gone", "image_uri": str(folder / "missing.png")},
+        {"id": "unread", "status": "error", "stage": "read", "reason": "invalid_json: x:1: not valid JSON"},
+        {"id": "finished", "text": "embedded last time", "status": "done"},
+    )
+
+
+ITEMS = {
+    "text": "a plain text",
+    "pair": {"text": "a caption", "image": image_bytes(8, (50, 80))},
+}
+
+
+def test_the_preparer_needs_no_weights_and_prepares_what_the_embedder_does(config, embedder, inputs):
+    preparer = build_preparer(config)
+    path = inputs["image_uri"][1].as_py()
+    for item in ("a plain text", {"image": path}, {"text": "a caption", "image": make_image(3)}):
+        mine, theirs = preparer.prepare(item), embedder.prepare(item)
+        np.testing.assert_array_equal(mine.input_ids, theirs.input_ids)
+        np.testing.assert_array_equal(mine.position_ids, theirs.position_ids)
+        if theirs.pixel_values is not None:
+            np.testing.assert_array_equal(mine.pixel_values, theirs.pixel_values)
+
+
+def test_done_ids_are_marked_and_lose_their_inline_bytes(inputs):
+    marked = mark_done(inputs, done_set(["pair", "blank", "not-in-this-batch"]))
+    status = dict(zip(marked["id"].to_pylist(), marked["status"].to_pylist(), strict=True))
+    assert status == {
+        "text": "todo",
+        "image": "todo",
+        "pair": "done",
+        "blank": "done",
+        "gone": "todo",
+        "unread": "error",
+        "finished": "done",
+    }
+    assert marked["image_bytes"][2].as_py() is None
+    assert mark_done(inputs, done_set([])).equals(inputs)
+
+
+def test_prepare_turns_bad_rows_into_errors_and_passes_the_others_through(config, embedder, inputs):
+    out = prepare_batch(inputs, config.model_dump_json())
+    assert out.schema == prepared_schema() and out.num_rows == inputs.num_rows
+    by_id = {row["id"]: row for row in out.to_pylist()}
+    assert by_id["blank"]["status"] == "error" and by_id["blank"]["stage"] == "prepare"
+    assert by_id["blank"]["reason"] == "empty_text: text is empty or only whitespace"
+    assert (
+        by_id["gone"]["reason"].startswith("image_unreadable: ") and "missing.png" in by_id["gone"]["reason"]
+    )
+    assert by_id["unread"]["reason"] == "invalid_json: x:1: not valid JSON"  # untouched
+    assert by_id["finished"]["status"] == "done" and by_id["finished"]["input_ids"] == []
+    pair = PreparedItem.from_row(by_id["pair"] | {"pixel_shape": np.asarray(by_id["pair"]["pixel_shape"])})
+    expected = embedder.prepare(ITEMS["pair"])
+    assert pair.modality == "text+image"
+    np.testing.assert_array_equal(pair.input_ids, expected.input_ids)
+    np.testing.assert_array_equal(pair.pixel_values, expected.pixel_values)
+
+
+def test_the_actor_embeds_like_embed_batch_and_isolates_an_item_that_fails_forward(
+    config, embedder, inputs, ray_session
+):
+    prepared = prepare_batch(inputs, config.model_dump_json())
+    # an out-of-vocabulary token id makes the forward pass of any batch holding it fail
+    ids = prepared["input_ids"].to_pylist()
+    poisoned = next(i for i, row_id in enumerate(prepared["id"].to_pylist()) if row_id == "image")
+    ids[poisoned] = [10**9, *ids[poisoned][1:]]
+    column = prepared.schema.get_field_index("input_ids")
+    prepared = prepared.set_column(column, "input_ids", pa.array(ids, prepared.schema.field(column).type))
+    actor = EmbedActor(config.model_dump_json())
+    out = actor(prepared)
+    by_id = {row["id"]: row for row in out.to_pylist()}
+    assert out.num_rows == inputs.num_rows
+    assert by_id["image"]["status"] == "error" and by_id["image"]["stage"] == "embed"
+    assert by_id["image"]["reason"].startswith("forward_failed: ")
+    assert {k for k, row in by_id.items() if row["status"] == "ok"} == {"text", "pair"}
+    for key, item in ITEMS.items():
+        np.testing.assert_allclose(by_id[key]["vector"], embedder.embed_batch([item])[0], atol=1e-5)
+
+
+def test_the_pipeline_keeps_prepare_and_embed_apart_and_every_row_comes_out_once(config, inputs, ray_session):
+    import ray
+
+    job = Config(embedder=config, resources=ResourcesConfig(batch_rows=4, prepare_batch_rows=2))
+    pipeline = build_pipeline([ray.data.from_arrow(inputs)], job, done_set(["finished"]), num_gpus=0)
+    out = pa.concat_tables(list(pipeline.iter_batches(batch_size=None, batch_format="pyarrow")))
+    assert sorted(out["id"].to_pylist()) == sorted(inputs["id"].to_pylist())
+    status = dict(zip(out["id"].to_pylist(), out["status"].to_pylist(), strict=True))
+    assert [k for k, s in sorted(status.items()) if s == "ok"] == ["image", "pair", "text"]
+    stats = pipeline.stats()
+    assert "MapBatches(prepare_batch)" in stats and "MapBatches(EmbedActor)" in stats
+    assert "prepare_batch)->MapBatches(EmbedActor" not in stats  # prepare was not fused into the actors
