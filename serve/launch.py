@@ -1,0 +1,166 @@
+"""`vlm-embed serve`: read a config file, start Ray Serve on 127.0.0.1:8000 (by default), serve until Ctrl-C.
+
+The file is either the project's `Config` YAML (the same file that drives a backfill) or a Ray Serve config
+file such as serve/config.yaml, whose application `serve.app:build_app` carries the `Config` in its `args` and
+whose `deployments:` entry holds Serve options. Flags given on the command line win over both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import Config
+
+BUILDER = "serve.app:build_app"
+DEPLOYMENT_NAME = "EmbeddingService"  # serve.app.DEPLOYMENT_NAME, without importing Ray here
+# ServeConfig fields whose flag replaces what a Serve config file's deployment entry says
+_FLAG_OPTIONS = {
+    "num_gpus": ("ray_actor_options", "num_gpus"),
+    "num_cpus": ("ray_actor_options", "num_cpus"),
+    "max_ongoing_requests": ("max_ongoing_requests",),
+    "max_queued_requests": ("max_queued_requests",),
+    "retry_after_s": ("backpressure_config", "retry_after_s"),
+}
+_REPLICA_FIELDS = ("min_replicas", "max_replicas", "target_ongoing_requests")
+
+
+class LaunchError(ValueError):
+    """A config file that cannot be served, with what to change."""
+
+
+@dataclass
+class Target:
+    """What to serve: the `Config`, Serve deployment options from a Serve config file, and HTTP options."""
+
+    config: Config
+    deployment: dict[str, Any] = field(default_factory=dict)
+    http_options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_target(path: Path | None) -> Target:
+    """A `Config` YAML or a Serve config file (recognised by its `applications:` key); no file: defaults."""
+    if path is None:
+        return Target(Config())
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise LaunchError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise LaunchError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LaunchError(f"{path}: expected a mapping at the top level")
+    if "applications" not in data:
+        return Target(Config.model_validate(data))
+    return _from_serve_file(path, data)
+
+
+def _from_serve_file(path: Path, data: dict[str, Any]) -> Target:
+    from serve.app import config_from_args
+
+    ours = [app for app in data.get("applications") or [] if app.get("import_path") == BUILDER]
+    if len(ours) != 1:
+        raise LaunchError(f"{path}: expected one application with import_path {BUILDER}, found {len(ours)}")
+    app = ours[0]
+    config = config_from_args(app.get("args"))
+    entries = [d for d in app.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME]
+    deployment = {k: v for k, v in (entries[0] if entries else {}).items() if k != "name"}
+    http_options = dict(data.get("http_options") or {})
+    return Target(config, deployment, http_options)
+
+
+def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any]) -> Target:
+    """Flags given on the command line (`EmbedderConfig` and `ServeConfig` fields) over the file's values."""
+    config = target.config
+    config = config.model_copy(
+        update={
+            "embedder": type(config.embedder).model_validate({**config.embedder.model_dump(), **embedder}),
+            "serve": type(config.serve).model_validate(
+                {**config.serve.model_dump(), **_http_defaults(target.http_options, serve), **serve}
+            ),
+        }
+    )
+    deployment = {k: (dict(v) if isinstance(v, dict) else v) for k, v in target.deployment.items()}
+    given_options = {name: value for name, value in serve.items() if name in _FLAG_OPTIONS}
+    if given_options or any(name in serve for name in _REPLICA_FIELDS):
+        from serve.app import deployment_options
+
+        derived = deployment_options(config.serve)
+        for name in given_options:
+            _set(deployment, _FLAG_OPTIONS[name], _get(derived, _FLAG_OPTIONS[name]))
+        if any(name in serve for name in _REPLICA_FIELDS):
+            for key in ("num_replicas", "autoscaling_config"):
+                deployment.pop(key, None)
+                if key in derived:
+                    deployment[key] = derived[key]
+    return Target(config, deployment, target.http_options)
+
+
+def _http_defaults(http_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    return {key: http_options[key] for key in ("host", "port") if key in http_options and key not in given}
+
+
+def _get(options: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        options = options[key]
+    return options
+
+
+def _set(options: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        options = options.setdefault(key, {})
+    options[path[-1]] = value
+
+
+def ray_address(config: Config, address: str | None) -> str | None:
+    """`--address`, else the config's, else RAY_ADDRESS's cluster, else a new local Ray."""
+    return address or config.resources.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+
+
+def serve_forever(target: Target, address: str | None) -> int:
+    """Start (or join) Ray, start Serve's HTTP proxy, deploy the app and wait for Ctrl-C; 1 if it fails."""
+    import ray
+    from ray import serve
+
+    from serve.app import APP_NAME, app_for
+
+    print_fn = functools.partial(print, flush=True)
+    config = target.config
+    address = ray_address(config, address)
+    ray.init(address=address, include_dashboard=False if address == "local" else None)
+    timeout = target.http_options.get("request_timeout_s", 2 * config.serve.request_timeout_s)
+    serve.start(
+        http_options={"host": config.serve.host, "port": config.serve.port, "request_timeout_s": timeout}
+    )
+    try:
+        serve.run(app_for(config, **target.deployment), name=APP_NAME, route_prefix="/")
+        url = f"http://{config.serve.host}:{config.serve.port}"
+        print_fn(
+            f"serving {config.serve.served_model_name or config.embedder.model} at {url}: POST /v1/embeddings, "
+            "POST /search, GET /healthz, GET /v1/models (Ctrl-C to stop)"
+        )
+        while True:
+            status = serve.status().applications.get(APP_NAME)
+            if status is None or status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                print_fn(
+                    f"error: the app is {status.status if status else 'gone'}: {status.message if status else ''}"
+                )
+                return 1
+            time.sleep(2)
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:  # serve.run raises when the deployment fails (e.g. the model cannot load)
+        print_fn(f"error: {exc}")
+        return 1
+    finally:
+        if address == "local":
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)

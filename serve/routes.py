@@ -1,0 +1,223 @@
+"""The HTTP routes, built per replica around its `EmbeddingService`.
+
+Bodies are read with a size bound and parsed here (not by FastAPI's model binding), so that every refusal
+is ours: 413 for an oversized body, 400 for malformed JSON, 422 naming the field for wrong types and bad
+values, 401 without the API key. Every response is recorded in `ServeMetrics` by endpoint and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from pipelines import __version__
+from serve.auth import check_api_key
+from serve.errors import ApiError, from_validation_error
+from serve.inputs import input_fields, parse_inputs, parse_item
+from serve.schemas import EmbeddingRequest, SearchRequest, embedding_response, models_response
+
+logger = logging.getLogger("ray.serve")
+ENDPOINTS = ("/v1/embeddings", "/search", "/healthz", "/v1/models")
+
+
+def build_api(service) -> FastAPI:
+    """A FastAPI app whose routes call `service` (an `EmbeddingService` replica)."""
+    from serve.app import truncate
+
+    api = FastAPI(title="vlm-embed", version=__version__, description="Qwen3-VL embeddings and search.")
+    api.add_middleware(RequestMetrics, metrics=service.metrics)
+    config = service.serve_config
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        error = ApiError(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return JSONResponse(error.body(), status_code=422)
+
+    @api.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.error("request to %s failed", request.url.path, exc_info=exc)
+        error = ApiError(500, f"internal error ({type(exc).__name__}); the replica's log has the details")
+        return JSONResponse(error.body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        check_api_key(service.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in {service.model_name, service.config.embedder.model}:
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this server embeds with {service.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @api.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        """OpenAI-compatible embeddings; inputs may also be {text, image, instruction} items."""
+        authorize(request)
+        body = await read_json(request, config.max_body_bytes)
+        req = validate(EmbeddingRequest, body)
+        check_model(req.model)
+        if req.dimensions is not None and req.dimensions > service.dimension:
+            raise ApiError(
+                422,
+                f"dimensions={req.dimensions} is larger than the model's {service.dimension}",
+                param="dimensions",
+                code="invalid_value",
+            )
+        items = parse_inputs(req.input, service.limits)
+        vectors, tokens = await service.embed(items, input_fields(req.input))
+        vectors = truncate(vectors, req.dimensions, service.embedder.config.normalize)
+        return JSONResponse(embedding_response(vectors, req.encoding_format, service.model_name, tokens))
+
+    @api.post("/search")
+    async def search(request: Request) -> JSONResponse:
+        """The nearest rows of the configured table to a text and/or image query."""
+        authorize(request)
+        body = await read_json(request, config.max_body_bytes)
+        req = validate(SearchRequest, body)
+        check_model(req.model)
+        if req.top_k > config.max_top_k:
+            raise ApiError(
+                422,
+                f"top_k={req.top_k} is over the limit of {config.max_top_k}",
+                param="top_k",
+                code="invalid_value",
+            )
+        query = {
+            key: getattr(req, key)
+            for key in ("text", "image", "instruction")
+            if getattr(req, key) is not None
+        }
+        item = parse_item(query, service.limits, "")
+        plan = await asyncio.to_thread(service.search_table.plan)
+        vectors, tokens = await service.embed([item], [""])
+        vector = truncate(vectors, plan.dimension, service.embedder.config.normalize)[0]
+        rows = await asyncio.to_thread(service.search_table.search, plan, vector, req.top_k, req.filter)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": rows,
+                "model": service.model_name,
+                "table": service.config.table.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    @api.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 once the model is loaded and warmed up (no API key needed), else 503."""
+        health = service.health()
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(models_response(service.model_name, service.created))
+
+    return api
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object: 413 past `limit` bytes (before reading it all), 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(
+            400, "the request body is empty; send a JSON object", param="body", code="invalid_json"
+        )
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, f"the request body is not UTF-8 JSON ({exc.reason})", param="body", code="invalid_json"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            param="body",
+            code="invalid_json",
+        ) from exc
+    if not isinstance(body, dict):
+        raise ApiError(422, "the request body must be a JSON object", param="body", code="invalid_type")
+    return body
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size:,} bytes or more, over the limit of {limit:,} (max_body_bytes)",
+        param="body",
+        code="body_too_large",
+    )
+
+
+def validate(model: type[BaseModel], body: dict[str, Any]):
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+class RequestMetrics:
+    """ASGI middleware: every response's endpoint, status and latency into `ServeMetrics`."""
+
+    def __init__(self, app, metrics):
+        self.app = app
+        self.metrics = metrics
+        self._failed = False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._record(_endpoint(scope), status, time.perf_counter() - start)
+
+    def _record(self, endpoint: str, status: int, latency_s: float) -> None:
+        try:
+            self.metrics.request(endpoint, status, latency_s)
+        except Exception:  # metrics must never fail a request; say so once
+            if not self._failed:
+                self._failed = True
+                logger.exception("recording request metrics failed")
+
+
+def _endpoint(scope) -> str:
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path if path in ENDPOINTS else "other"

@@ -1,0 +1,78 @@
+"""Request bodies (validated, unknown keys refused) and response bodies of the HTTP API.
+
+`/v1/embeddings` follows OpenAI's embeddings API, so OpenAI clients work unchanged; its `input` is checked by
+`serve.inputs` (it may also hold multimodal items). Base64 vectors are little-endian float32, as OpenAI's.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+EncodingFormat = Literal["float", "base64"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings."""
+
+    input: Any = Field(
+        description="A string, a list of strings, or a list mixing strings and {text, image, instruction} items."
+    )
+    model: StrictStr | None = Field(default=None, description="The served model's name (see /v1/models).")
+    dimensions: StrictInt | None = Field(default=None, ge=1, description="Keep the first D dimensions.")
+    encoding_format: EncodingFormat = Field(default="float", description="float, or base64 (float32 LE).")
+    user: StrictStr | None = Field(default=None, description="Accepted for OpenAI compatibility; unused.")
+
+
+class SearchRequest(_Request):
+    """POST /search: a text and/or an image query against the configured vectors table."""
+
+    text: StrictStr | None = Field(default=None, description="The query text.")
+    image: StrictStr | None = Field(default=None, description="The query image: base64 or a data URL.")
+    instruction: StrictStr | None = Field(
+        default=None, description="A task instruction (qwen3-vl-embedding)."
+    )
+    top_k: StrictInt = Field(default=10, ge=1, description="How many rows to return.")
+    filter: StrictStr | None = Field(
+        default=None,
+        max_length=4096,
+        description="A SQL filter on the table's columns, e.g. \"lang = 'en'\".",
+    )
+    model: StrictStr | None = Field(default=None, description="The served model's name, if given.")
+
+
+def encode_vector(vector, encoding_format: EncodingFormat) -> list[float] | str:
+    """A vector as OpenAI returns it: a list of floats, or base64 of little-endian float32."""
+    import numpy as np
+
+    vector = np.asarray(vector, "<f4")
+    if encoding_format == "base64":
+        return base64.b64encode(vector.tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def embedding_response(
+    vectors, encoding_format: EncodingFormat, model: str, prompt_tokens: int
+) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding_format)}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def models_response(model: str, created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "vlm-embed"}],
+    }

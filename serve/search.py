@@ -1,0 +1,80 @@
+"""Searching the configured vectors table, with queries embedded the way the table's vectors were.
+
+The table records the embedder configuration it was built with (`pipelines.table`). A query is embedded by
+the replica's embedder and, when the table was built at a smaller Matryoshka dimension of the same
+configuration, truncated (and re-normalised) to it, which is exactly what that configuration computes.
+Anything else that differs is refused (409) with the differences named. The table is reopened for every
+query (a few milliseconds), so rows a backfill adds are seen at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import EmbedderConfig, TableConfig
+from serve.errors import ApiError
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """An opened table and the dimension a query vector must be cut to for it."""
+
+    table: Any
+    dimension: int
+
+
+class SearchTable:
+    """The vectors table named in the config, checked against the replica's embedder on every query."""
+
+    def __init__(self, table_config: TableConfig, embedder_config: EmbedderConfig, embedder_dimension: int):
+        self.table_config = table_config
+        self.embedder_config = embedder_config
+        self.embedder_dimension = embedder_dimension
+
+    def plan(self) -> QueryPlan:
+        """Open the table and check that queries can be embedded with its configuration (404 / 409 if not)."""
+        from pipelines.table import (
+            TableConfigMismatch,
+            TableNotFound,
+            check_matches,
+            open_vectors_table,
+            recorded_embedder_config,
+        )
+
+        try:
+            table = open_vectors_table(self.table_config)
+        except TableNotFound as exc:
+            raise ApiError(
+                404, f"{exc}: run a backfill first", param="table", code="table_not_found"
+            ) from exc
+        try:
+            recorded = recorded_embedder_config(table)
+            config, dimension = self.embedder_config, self.embedder_dimension
+            if recorded.dimensions is not None and recorded.dimensions < dimension:
+                config = config.model_copy(update={"dimensions": recorded.dimensions})
+                dimension = recorded.dimensions
+            check_matches(table, config, dimension)
+        except TableConfigMismatch as exc:
+            raise ApiError(
+                409,
+                f"{exc}; this server embeds queries with model {self.embedder_config.model!r}, so its vectors "
+                "would not be comparable",
+                param="table",
+                code="table_config_mismatch",
+            ) from exc
+        return QueryPlan(table=table, dimension=dimension)
+
+    @staticmethod
+    def search(plan: QueryPlan, vector, top_k: int, where: str | None) -> list[dict[str, Any]]:
+        """The `top_k` nearest rows (id, score, text, modality, image_uri); a bad filter is a 422."""
+        from pipelines.table import search_table
+
+        try:
+            return search_table(plan.table, vector, top_k=top_k, where=where)
+        except ValueError as exc:
+            if where is None:
+                raise
+            raise ApiError(
+                422, f"filter is not valid for this table: {exc}", param="filter", code="invalid_filter"
+            ) from exc

@@ -1,0 +1,105 @@
+"""serve/config.yaml is a valid Ray Serve config file carrying the project's Config, and flags override it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import Config, ServeConfig
+from serve.app import DEPLOYMENT_NAME, build_app, config_from_args, deployment_options
+from serve.launch import BUILDER, LaunchError, apply_flags, load_target
+
+SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
+
+
+def test_the_shipped_file_is_a_valid_serve_config_for_our_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 8000
+    (app,) = schema.applications
+    assert app.import_path == BUILDER and app.route_prefix == "/"
+    config = config_from_args(app.args)
+    assert isinstance(config, Config) and config.serve.api_key_env == "VLM_EMBED_API_KEY"
+    (deployment,) = app.deployments
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
+    assert deployment.ray_actor_options.num_gpus == 0 and deployment.max_ongoing_requests >= 1
+    assert deployment.backpressure_config.retry_after_s >= 1
+
+
+def test_serve_calls_the_app_builder_with_the_shipped_args_and_gets_an_application():
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what `serve run` does
+    from ray.serve.deployment import Application
+
+    args = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+
+
+def test_the_app_args_are_one_config_inline_or_a_path(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("embedder:\n  model: tiny\n  pooling: max\n")
+    assert config_from_args({"config_path": str(path)}).embedder.pooling == "max"
+    assert config_from_args({"config": {"embedder": {"pooling": "cls"}}}).embedder.pooling == "cls"
+    assert config_from_args(None) == Config()
+    with pytest.raises(ValueError, match="unknown app args"):
+        config_from_args({"model": "tiny"})
+    with pytest.raises(ValueError, match="not both"):
+        config_from_args({"config": {}, "config_path": str(path)})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        config_from_args({"config": {"embedder": {"pooling": "mean", "typo": 1}}})
+
+
+def test_deployment_options_follow_the_serve_section():
+    fixed = deployment_options(ServeConfig(min_replicas=2, max_replicas=2, num_gpus=1, retry_after_s=4))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"]["num_gpus"] == 1
+    assert fixed["backpressure_config"] == {"status_code": 503, "retry_after_s": 4}
+    scaled = deployment_options(ServeConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=8))
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 8,
+    }
+    assert "num_replicas" not in scaled
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(min_replicas=3, max_replicas=1)
+
+
+def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "embedder:\n  model: tiny\n  dimensions: 32\ntable:\n  uri: /data/db\nserve:\n  port: 9000\n"
+    )
+    target = load_target(job)
+    assert (
+        target.config.embedder.dimensions == 32
+        and target.config.serve.port == 9000
+        and target.deployment == {}
+    )
+
+    served = load_target(SERVE_CONFIG)
+    assert served.deployment["ray_actor_options"]["num_gpus"] == 0
+    overridden = apply_flags(served, {"model": "/models/x"}, {"num_gpus": 1, "port": 8123, "max_replicas": 5})
+    assert overridden.config.embedder.model == "/models/x" and overridden.config.serve.port == 8123
+    assert overridden.deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    assert overridden.deployment["autoscaling_config"]["max_replicas"] == 5
+    untouched = apply_flags(served, {}, {})
+    assert untouched.deployment == served.deployment and untouched.config.serve.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("- a\n- b\n", "mapping"),
+        ("applications:\n  - name: other\n    import_path: x:y\n", "serve.app:build_app"),
+        ("embedder: {model: [\n", "not valid YAML"),
+    ],
+)
+def test_a_file_that_cannot_be_served_is_refused_with_a_message(tmp_path, content, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(LaunchError, match=words.replace(".", r"\.")):
+        load_target(path)
