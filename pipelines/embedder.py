@@ -92,6 +92,22 @@ class Embedder:
             max_image_pixels=config.max_image_pixels,
             max_length=config.max_length,
         )
+        if config.quantization == "fp8":
+            from pipelines.fp8 import Fp8Linear, convert_to_fp8
+
+            if not any(isinstance(m, Fp8Linear) for m in self.model.language_model.modules()):
+                convert_to_fp8(self.model.language_model)
+        self._packed = None
+        if config.attention_layout == "packed":
+            from pipelines.packed import PackedForward
+
+            self._packed = PackedForward(
+                self.model,
+                layer=self.layer,
+                pooling=self.pooling,
+                attention=config.varlen_attention,
+                compile=config.compile,
+            )
 
     @classmethod
     def load(cls, model: str = "tiny", **options: Any) -> Embedder:
@@ -108,7 +124,7 @@ class Embedder:
             dtype=dtype,
             device=device,
             attn_implementation=config.attn_implementation,
-            quantization=config.quantization,
+            quantization="none" if config.quantization == "fp8" else config.quantization,
         )
         tokenizer, image_processor = load_processor_parts(source)
         return cls(base, tokenizer, image_processor=image_processor, config=config)
@@ -134,22 +150,38 @@ class Embedder:
 
     def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
         """GPU: pooled hidden states (float32, on the model's device) for one batch of prepared items."""
+        if self._packed is not None:
+            return self._packed.forward(items)
         batch = collate(list(items), self.pad_token_id, self.padding_side).to(self.device, self.dtype)
         hidden = hidden_states_at(self.model, batch, self.layer)
         return pooling.pool(hidden, batch.attention_mask, self.pooling)
 
     def finish(self, pooled: torch.Tensor) -> np.ndarray:
         """Truncate to `dimensions`, normalise, copy to the host as float32."""
+        return self._finish_on_device(pooled).cpu().numpy().astype(np.float32, copy=False)
+
+    def _finish_on_device(self, pooled: torch.Tensor) -> torch.Tensor:
         vectors = pooling.truncate(pooled.float(), self.config.dimensions)
-        if self.config.normalize:
-            vectors = pooling.normalize(vectors)
-        return vectors.cpu().numpy().astype(np.float32, copy=False)
+        return pooling.normalize(vectors) if self.config.normalize else vectors
 
     # -- conveniences ------------------------------------------------------------------------------------
 
     def embed_prepared(self, prepared: Sequence[PreparedItem], batch_size: int | None = None) -> np.ndarray:
         """Vectors for prepared items, in their order, batched by token budget and sorted by length."""
         out = np.empty((len(prepared), self.get_embedding_dimension()), np.float32)
+        if self._packed is not None:
+            # no padding: steps filled up by real tokens; one copy to the host at the end, not one per step
+            from pipelines.packed import plan_packed
+
+            plan = plan_packed(
+                [p.num_tokens for p in prepared],
+                max_tokens=self.config.max_batch_tokens,
+                max_items=batch_size or self.config.max_batch_items,
+            )
+            vectors = [self._finish_on_device(self.forward([prepared[i] for i in step])) for step in plan]
+            if vectors:
+                out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
+            return out
         plan = plan_batches(
             [p.num_tokens for p in prepared],
             max_tokens=self.config.max_batch_tokens,
@@ -158,6 +190,19 @@ class Embedder:
         for indices in plan:
             out[indices] = self.finish(self.forward([prepared[i] for i in indices]))
         return out
+
+    def warm_up(self, image_side: int | None = None) -> float:
+        """Run a few representative steps (and compile, with `compile=True`); returns the seconds it took.
+
+        Call it before taking work (a Serve replica, a backfill actor), so that the first request does not pay
+        for compilation. `image_side` (packed layout): also warm up the vision tower on such square images."""
+        if self._packed is not None:
+            return self._packed.warm_up(image_side=image_side)
+        import time
+
+        start = time.perf_counter()
+        self.embed_batch(["warm up", "a somewhat longer text to warm up the embedder with"])
+        return time.perf_counter() - start
 
     def embed_batch(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises on the first bad item."""

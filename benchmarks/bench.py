@@ -1,0 +1,545 @@
+"""The benchmark: BENCHMARK.md's workloads through the baseline recipe and through ours, in one run.
+
+    python -m benchmarks.bench                      # the tiny model on the CPU (regressions, seconds)
+    python -m benchmarks.bench --shape 2b --shape 8b --json out.json     # on a GPU: the whole table
+
+For each model shape and workload it measures, in the same process: the bf16 matmul ceiling, the baseline
+recipe (`benchmarks/baseline.py`) and our embedder's variants (`--variant`, e.g. padded, packed,
+packed+compile), and prints items/s, tokens/s, MFU (useful FLOPs as `benchmarks/flops.py` counts them / time /
+measured ceiling), peak GPU memory, the ratio to the baseline, the cosine to the baseline's vectors and the
+cold start (model load + embedder build + warm-up/compilation). Every row is written to the JSON file as soon
+as it is measured, so a run cut short keeps what it measured. Items are random prepared items at the workload's
+shapes (`pipelines.synthetic`): the table measures the model side, not tokenization or image decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPES = ("tiny", "2b", "8b")
+WORKLOADS = ("text", "image")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "padded": {"attention_layout": "padded"},
+    "packed": {"attention_layout": "packed"},
+    "packed+compile": {"attention_layout": "packed", "compile": True},
+    "packed-flex": {"attention_layout": "packed", "varlen_attention": "flex"},
+    "packed-sdpa": {"attention_layout": "packed", "varlen_attention": "sdpa"},
+    "packed+fp8": {"attention_layout": "packed", "quantization": "fp8"},
+    "packed+compile+fp8": {"attention_layout": "packed", "compile": True, "quantization": "fp8"},
+}
+# BENCHMARK.md's sizes on a GPU; CI-sized ones for the tiny model on a CPU
+SIZES = {
+    "tiny": {"text": 256, "image": 16, "image_side": 64},
+    "2b": {"text": 2048, "image": 256, "image_side": 448},
+    "8b": {"text": 2048, "image": 256, "image_side": 448},
+}
+TARGETS = {("2b", "text"): 1100, ("8b", "text"): 240, ("2b", "image"): 320, ("8b", "image"): 130}
+TARGET_MFU = {("2b", "text"): 0.60, ("8b", "text"): 0.63, ("2b", "image"): 0.50, ("8b", "image"): 0.60}
+
+
+@dataclass
+class Settings:
+    shapes: list[str] = field(default_factory=lambda: ["tiny"])
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    variants: list[str] | None = None  # default: padded + packed (+ packed+compile on a GPU)
+    device: str = "auto"
+    dtype: str = "auto"
+    text_items: int | None = None
+    image_items: int | None = None
+    image_side: int | None = None
+    seed: int = 0
+    max_batch_tokens: int = 16384
+    baseline: bool = True
+    cached_compile: bool = True
+    deadline_s: float | None = None
+    json_path: Path | None = None
+
+
+class Bench:
+    """One run: settings, the environment, the ceiling, and the rows measured so far."""
+
+    def __init__(self, settings: Settings):
+        import torch
+
+        from benchmarks.flops import matmul_ceiling
+
+        self.settings = settings
+        self.started = time.perf_counter()
+        if settings.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(settings.device)
+        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, default_dtype if settings.dtype == "auto" else settings.dtype)
+        self.variants = settings.variants or (
+            ["padded", "packed", "packed+compile"] if self.device.type == "cuda" else ["padded", "packed"]
+        )
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+        self.ceiling = matmul_ceiling(self.device, self.dtype)
+        self.rows: list[dict[str, Any]] = []
+        self.env = _environment(self.device, self.dtype, self.ceiling)
+        log(f"matmul ceiling: {self.ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s ({self.env['device_name']})")
+
+    # -- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        for shape in self.settings.shapes:
+            if self._out_of_time(f"{shape}: all"):
+                continue
+            try:
+                self._run_shape(shape)
+            except Exception as exc:  # a model that cannot be built: record it, go on with the next shape
+                self._record({"model": shape, "recipe": "load", "status": _error(exc)})
+        self._write()
+        return self.rows
+
+    def _run_shape(self, shape: str) -> None:
+        import torch
+
+        from benchmarks.flops import Costs
+
+        began = time.perf_counter()
+        model, tokenizer, image_processor = load_models(shape, self.device, self.dtype)
+        _sync(self.device)
+        load_s = time.perf_counter() - began
+        log(f"{shape}: model built in {load_s:.1f} s")
+        costs = Costs.of(model)
+        pad_token_id = _pad_token_id(tokenizer, model.config)
+        # FP8 variants convert the model's decoder layers in place: they run after every bf16 measurement
+        full = [v for v in self.variants if VARIANTS[v].get("quantization") != "fp8"]
+        fp8 = [v for v in self.variants if VARIANTS[v].get("quantization") == "fp8"]
+        kept = []
+        try:
+            for workload in self.settings.workloads:
+                items = self.build_workload(shape, workload, model.config)
+                context = dict(
+                    model=shape,
+                    workload=workload,
+                    items=len(items),
+                    tokens=int(sum(item.num_tokens for item in items)),
+                    useful_tflop=_workload_flops(costs, items) / 1e12,
+                )
+                if workload == "image":
+                    context["image_side"] = self.settings.image_side or SIZES[shape]["image_side"]
+                reference = None
+                if self.settings.baseline and not self._out_of_time(f"{shape} {workload} baseline"):
+                    reference = self._baseline(context, model, items, pad_token_id, load_s)
+                for variant in full:
+                    if self._out_of_time(f"{shape} {workload} {variant}"):
+                        continue
+                    self._ours(context, variant, model, tokenizer, image_processor, items, reference, load_s)
+                if fp8:
+                    kept.append((context, items, reference))
+                del items, reference
+                gc.collect()
+            for context, items, reference in kept:
+                for variant in fp8:
+                    if not self._out_of_time(f"{shape} {context['workload']} {variant}"):
+                        self._ours(
+                            context, variant, model, tokenizer, image_processor, items, reference, load_s
+                        )
+            kept.clear()
+        finally:
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def build_workload(self, shape: str, workload: str, model_config) -> list:
+        from pipelines import synthetic
+
+        s = self.settings
+        sizes = SIZES[shape]
+        rng = np.random.default_rng(s.seed + WORKLOADS.index(workload))
+        if workload == "text":
+            count = s.text_items if s.text_items is not None else sizes["text"]
+            lengths = synthetic.lognormal_lengths(rng, count)
+            return [synthetic.text_item(rng, int(n), model_config) for n in lengths]
+        count = s.image_items if s.image_items is not None else sizes["image"]
+        side = s.image_side or sizes["image_side"]
+        return [synthetic.image_item(rng, model_config, side, text_tokens=20) for _ in range(count)]
+
+    def _baseline(self, context, model, items, pad_token_id, load_s) -> np.ndarray | None:
+        from benchmarks.baseline import baseline_embed, batch_size_for
+
+        row = dict(context, recipe="baseline", backend=model.config._attn_implementation)
+        try:
+            warm = time.perf_counter()
+            baseline_embed(model, items[: batch_size_for(items)], pad_token_id)
+            _sync(self.device)
+            row["warm_up_s"] = time.perf_counter() - warm
+            row["cold_start_s"] = load_s + row["warm_up_s"]
+            seconds, vectors, peak = self._timed(lambda: baseline_embed(model, items, pad_token_id))
+        except Exception as exc:
+            self._record(dict(row, status=_error(exc)))
+            return None
+        self._record(self._figures(row, seconds, peak, vectors, None))
+        return vectors
+
+    def _ours(self, context, variant, model, tokenizer, image_processor, items, reference, load_s) -> None:
+        import torch
+
+        from pipelines.embedder import Embedder
+
+        row = dict(context, recipe=variant)
+        embedder = None
+        try:
+            graphs_before = _compiled_graphs()
+            began = time.perf_counter()
+            embedder = Embedder(
+                model,
+                tokenizer,
+                image_processor=image_processor,
+                config=self._config(context["model"], variant),
+            )
+            row["build_s"] = time.perf_counter() - began
+            row["backend"] = _backend(embedder)
+            row["warm_up_s"] = embedder.warm_up(image_side=context.get("image_side"))
+            row["cold_start_s"] = load_s + row["build_s"] + row["warm_up_s"]
+            row["graphs_compiled"] = _compiled_graphs() - graphs_before
+            graphs_before = _compiled_graphs()
+            seconds, vectors, peak = self._timed(lambda: embedder.embed_prepared(items))
+            row["recompiles_in_run"] = _compiled_graphs() - graphs_before
+            self._record(self._figures(row, seconds, peak, vectors, reference))
+            first_workload = context["workload"] == self.settings.workloads[0]
+            if VARIANTS[variant].get("compile") and self.settings.cached_compile and first_workload:
+                self._cached_cold_start(context, variant, model, tokenizer, image_processor, load_s)
+        except Exception as exc:
+            self._record(dict(row, status=_error(exc)))
+        finally:
+            embedder = None  # noqa: F841 (frees the embedder before emptying the cache)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _cached_cold_start(self, context, variant, model, tokenizer, image_processor, load_s) -> None:
+        """A new replica's cold start when the compiler's cache (TORCHINDUCTOR_CACHE_DIR) is already warm:
+        forget every compiled graph in this process, then build and warm up again."""
+        import torch
+
+        from pipelines.embedder import Embedder
+
+        row = dict(context, recipe=f"{variant} (cached)")
+        try:
+            torch._dynamo.reset()
+            began = time.perf_counter()
+            embedder = Embedder(
+                model,
+                tokenizer,
+                image_processor=image_processor,
+                config=self._config(context["model"], variant),
+            )
+            row["build_s"] = time.perf_counter() - began
+            row["warm_up_s"] = embedder.warm_up(image_side=context.get("image_side"))
+            row["cold_start_s"] = load_s + row["build_s"] + row["warm_up_s"]
+            row["status"] = "cold start only"
+        except Exception as exc:
+            row["status"] = _error(exc)
+        self._record(row)
+
+    def _config(self, shape: str, variant: str):
+        from pipelines.config import EmbedderConfig
+
+        return EmbedderConfig(
+            model=shape, max_batch_tokens=self.settings.max_batch_tokens, **VARIANTS[variant]
+        )
+
+    # -- measuring -------------------------------------------------------------------------------------
+
+    def _timed(self, fn):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        began = time.perf_counter()
+        result = fn()
+        _sync(self.device)
+        seconds = time.perf_counter() - began
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return seconds, result, peak
+
+    def _figures(self, row, seconds, peak, vectors, reference) -> dict[str, Any]:
+        row = dict(row, seconds=seconds, status="ok")
+        row["items_per_s"] = row["items"] / seconds
+        row["tokens_per_s"] = row["tokens"] / seconds
+        row["mfu"] = row["useful_tflop"] * 1e12 / seconds / self.ceiling["flops_per_s"]
+        row["peak_gib"] = peak / 2**30 if peak is not None else None
+        if not np.isfinite(vectors).all():
+            row["status"] = "error: non-finite vectors"
+        if reference is not None:
+            cosines = np.sum(vectors.astype(np.float64) * reference, axis=1) / (
+                np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+            )
+            row["cosine_min"] = float(cosines.min())
+            row["cosine_mean"] = float(cosines.mean())
+        if VARIANTS.get(row["recipe"], {}).get("quantization") == "fp8":
+            bf16 = [
+                r["items_per_s"]
+                for r in self.rows
+                if (r.get("model"), r.get("workload")) == (row["model"], row["workload"])
+                and r.get("items_per_s")
+                and r.get("recipe") in VARIANTS
+                and VARIANTS[r["recipe"]].get("quantization") != "fp8"
+            ]
+            if bf16:
+                row["ratio_to_best_unquantized"] = row["items_per_s"] / max(bf16)
+        base = self._row(row["model"], row["workload"], "baseline")
+        if base is not None and base.get("items_per_s"):
+            row["ratio"] = row["items_per_s"] / base["items_per_s"]
+            if peak is not None and base.get("peak_gib") is not None:
+                row["peak_over_baseline"] = row["peak_gib"] > base["peak_gib"]
+        return row
+
+    def _row(self, model, workload, recipe):
+        for row in self.rows:
+            if (row.get("model"), row.get("workload"), row.get("recipe")) == (model, workload, recipe):
+                return row
+        return None
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        log(format_row(row))
+        self._write()
+
+    def _write(self) -> None:
+        path = self.settings.json_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "env": self.env,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.settings).items()},
+            "variants": self.variants,
+            "elapsed_s": time.perf_counter() - self.started,
+            "rows": self.rows,
+        }
+        path.write_text(json.dumps(document, indent=1, default=str))
+
+    def _out_of_time(self, what: str) -> bool:
+        deadline = self.settings.deadline_s
+        if deadline is None or time.perf_counter() - self.started < deadline:
+            return False
+        log(f"skipped (past the {deadline:.0f} s deadline): {what}")
+        return True
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+
+def load_models(shape: str, device, dtype):
+    """(generation model, tokenizer, image processor): the tiny checkpoint, or random weights at a real shape
+    built directly on the device."""
+    if shape == "tiny":
+        from transformers import Qwen3VLForConditionalGeneration
+
+        from pipelines.loading import load_processor_parts, resolve_model_source
+
+        source = resolve_model_source("tiny")
+        model = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
+        tokenizer, image_processor = load_processor_parts(source)
+        return model, tokenizer, image_processor
+    from pipelines.model_shapes import random_model, shape_processor_parts
+
+    tokenizer, image_processor = shape_processor_parts()
+    model = random_model(shape, tokenizer, device=str(device), dtype=dtype, generation=True)
+    return model, tokenizer, image_processor
+
+
+def _pad_token_id(tokenizer, config) -> int:
+    for candidate in (tokenizer.pad_token_id, config.text_config.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _workload_flops(costs, items) -> float:
+    from benchmarks.flops import workload_flops
+
+    return workload_flops(costs, items)
+
+
+def _backend(embedder) -> str:
+    packed = getattr(embedder, "_packed", None)
+    if packed is None:
+        return embedder.model.config._attn_implementation
+    return packed.backend + ("+compile" if packed.compile else "")
+
+
+def _compiled_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _environment(device, dtype, ceiling) -> dict[str, Any]:
+    import platform
+
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "ceiling_tflops": ceiling["flops_per_s"] / 1e12,
+        "ceiling": ceiling,
+    }
+
+
+def _error(exc: BaseException) -> str:
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("model", "{}", 5),
+    ("workload", "{}", 8),
+    ("recipe", "{}", 22),
+    ("items_per_s", "{:,.1f}", 9),
+    ("tokens_per_s", "{:,.0f}", 10),
+    ("mfu", "{:.1%}", 6),
+    ("peak_gib", "{:.1f}", 6),
+    ("ratio", "{:.2f}x", 6),
+    ("cosine_min", "{:.4f}", 7),
+    ("cold_start_s", "{:.1f}", 7),
+    ("backend", "{}", 13),
+)
+HEADERS = ("model", "workload", "recipe", "items/s", "tokens/s", "MFU", "GiB", "x base", "cos min", "cold s")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    cells = []
+    for key, fmt, width in COLUMNS:
+        value = row.get(key)
+        cells.append(("-" if value is None else fmt.format(value)).rjust(width) if key != "recipe" else "")
+        if key == "recipe":
+            cells[-1] = str(value or "-").ljust(width)
+    status = row.get("status", "ok")
+    return " ".join(cells) + ("" if status == "ok" else f"  [{status}]")
+
+
+def format_table(rows: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
+    widths = [width for _, _, width in COLUMNS]
+    header = " ".join(
+        (h.ljust(w) if h == "recipe" else h.rjust(w))
+        for h, w in zip((*HEADERS, "backend"), widths, strict=True)
+    )
+    lines = []
+    if env:
+        lines.append(
+            f"{env['device_name']} | {env['dtype']} | torch {env['torch']} | transformers "
+            f"{env['transformers']} | matmul ceiling {env['ceiling_tflops']:.3g} TFLOP/s"
+        )
+    lines += [header, *(format_row(row) for row in rows)]
+    for (model, workload), target in TARGETS.items():
+        ours = [
+            r
+            for r in rows
+            if (r.get("model"), r.get("workload")) == (model, workload)
+            and r.get("recipe") != "baseline"
+            and r.get("items_per_s")
+        ]
+        if ours:
+            best = max(ours, key=lambda r: r["items_per_s"])
+            verdict = "meets" if best["items_per_s"] >= target else "misses"
+            lines.append(
+                f"target {model} {workload}: >= {target} items/s, >= {TARGET_MFU[(model, workload)]:.0%} MFU: "
+                f"best {best['recipe']} {best['items_per_s']:,.1f} items/s, {best['mfu']:.1%} MFU ({verdict})"
+            )
+    for row in rows:
+        if row.get("ratio_to_best_unquantized") is not None:
+            lines.append(
+                f"fp8 {row['model']} {row['workload']} {row['recipe']}: "
+                f"{row['ratio_to_best_unquantized']:.2f}x our best bf16 (target >= 1.5x), "
+                f"cosine to the baseline >= {row.get('cosine_min', float('nan')):.4f} (target >= 0.99)"
+            )
+    return "\n".join(lines)
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0] + " See benchmarks/NOTES.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--shape", dest="shapes", action="append", choices=SHAPES, help="model shape (repeat)")
+    p.add_argument("--workload", dest="workloads", action="append", choices=WORKLOADS, help="(repeat)")
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="our embedder's variants to measure (repeat; default: padded, packed, and packed+compile on a GPU)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--text-items", type=int, help="items in the text set (default: 2048; tiny: 256)")
+    p.add_argument("--image-items", type=int, help="items in the image set (default: 256; tiny: 16)")
+    p.add_argument("--image-side", type=int, help="image side in pixels (default: 448; tiny: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="our token budget per step")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the baseline recipe")
+    p.add_argument(
+        "--no-cached-compile",
+        dest="cached_compile",
+        action="store_false",
+        help="skip the second, cache-warm compile (the cold start of a new replica with a shared cache)",
+    )
+    p.add_argument("--deadline-s", type=float, help="skip what is left after this many seconds")
+    p.add_argument("--json", dest="json_path", type=Path, help="write the rows here (after every row)")
+    p.add_argument("--show", type=Path, metavar="JSON", help="only print the table of an earlier run's JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.show is not None:
+        document = json.loads(args.show.read_text())
+        print(format_table(document["rows"], document.get("env")))
+        return 0
+    del args.show
+    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    bench = Bench(settings)
+    rows = bench.run()
+    print(format_table(rows, bench.env))
+    failed = [row for row in rows if str(row.get("status", "ok")).startswith("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole GPU table in one device call (about 7 minutes on one H100, 9 at most: every step is bounded).
+#   here:   bash benchmarks/device_prepare.sh
+#   device: carry [".whl/bench"], command "bash benchmarks/device_run.sh", timeout_s 570
+# Logs and the JSON go to $OUT; the reply's tail ends with the table. Installs nothing but the carried wheels
+# (into /tmp/site); leaves the GPU's settings alone.
+set -uo pipefail
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+began=$(date +%s)
+elapsed() { echo $(( $(date +%s) - began )); }
+
+# Overrides for a dry run elsewhere: BENCH_ARGS (the bench's arguments), SKIP_INSTALL=1 (use what is installed).
+BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile --variant padded"}
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+  export PYTHONPATH=$PWD
+elif ls .whl/bench/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site .whl/bench/*.whl >"$OUT/install.log" 2>&1 \
+    || { echo "wheel install failed:"; tail -5 "$OUT/install.log"; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  echo "no carried wheels in .whl/bench: using the machine's own transformers (and failing without pydantic)"
+  export PYTHONPATH=$PWD
+fi
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # a fresh cache: the first compile is a real cold start
+rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv
+  python3 -c "import torch, transformers, pydantic; print('torch', torch.__version__, '| transformers', \
+transformers.__version__, '| pydantic', pydantic.__version__, '|', torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== [$(elapsed) s] GPU checks: flash varlen kernel, packed layout in bf16 =="
+timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
+  tests/pipelines/test_varlen.py tests/pipelines/test_packed.py >"$OUT/gpu_tests.log" 2>&1
+echo "pytest exit $?"; grep -E "passed|failed|skipped|error|cosine" "$OUT/gpu_tests.log" | tail -6
+
+echo "== [$(elapsed) s] benchmark: 2B and 8B, text and image; baseline, packed, packed+compile, padded =="
+# shellcheck disable=SC2086
+timeout 420 python3 -m benchmarks.bench $BENCH_ARGS --deadline-s 330 --json "$OUT/bench.json" \
+  >"$OUT/bench.out" 2>"$OUT/bench.log"
+status=$?
+echo "bench exit $status after $(elapsed) s"
+grep -E "^Traceback|Error|skipped" "$OUT/bench.log" | sort | uniq -c | head -8
+echo
+if [ -s "$OUT/bench.json" ]; then
+  python3 -m benchmarks.bench --show "$OUT/bench.json"
+else
+  tail -20 "$OUT/bench.log"
+fi

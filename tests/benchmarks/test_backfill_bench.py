@@ -1,0 +1,36 @@
+"""The backfill benchmark mode runs the mixed corpus through Ray Data into LanceDB and compares it to the bare
+embedder on the same rows."""
+
+import json
+
+import pytest
+
+from benchmarks.backfill_bench import format_result, main, write_corpus
+
+
+def test_the_corpus_is_written_as_a_real_job_reads_it(tmp_path):
+    text_path, image_dir, items = write_corpus(tmp_path, texts=5, images=2, side=64)
+    rows = [json.loads(line) for line in text_path.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"t{i}" for i in range(5)]
+    assert all(8 <= len(row["text"].split()) <= 512 for row in rows)
+    assert sorted(p.name for p in image_dir.iterdir()) == ["00000.png", "00001.png"]
+    assert items[:5] == [row["text"] for row in rows] and items[5] == {"image": str(image_dir / "00000.png")}
+
+
+@pytest.mark.slow
+def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path, ray_session, capsys):
+    out = tmp_path / "result.json"
+    code = main(
+        ["--texts", "6", "--images", "1", "--packed", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == 7 and result["options"]["attention_layout"] == "packed"
+    assert result["backfill"]["embedded"] == 7 and result["backfill"]["vectors_in_table"] == 7
+    for name in ("bare_forward", "bare_end_to_end", "backfill"):
+        assert result[name]["rows_per_s"] == pytest.approx(7 / result[name]["seconds"])
+    assert result["backfill_over_bare_forward"] == pytest.approx(
+        result["backfill"]["rows_per_s"] / result["bare_forward"]["rows_per_s"]
+    )
+    printed = capsys.readouterr().out
+    assert format_result(result) in printed and "target >= 90%" in printed

@@ -1,0 +1,220 @@
+"""The packed layout computes the same vectors as the plain transformers forward and as the padded layout."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.embedder import Embedder
+from pipelines.packed import pack, plan_packed, pool_packed
+from pipelines.pooling import pool
+from pipelines.varlen import Segments
+from tests.conftest import make_image
+from tests.pipelines.reference import VISION, reference_embedding, reference_inputs
+
+TEXT = "The quick red car follows two white clouds near the sea."
+CASES = {
+    "text": (TEXT, None),
+    "image": ("", make_image(1, (120, 90))),
+    "text+image": ("a photo of the garden", make_image(2, (64, 160))),
+}
+MIXED = [
+    "short",
+    {"image": make_image(10, (64, 64))},
+    "A much longer sentence about the old ship that carries three apples near the sea, again and again.",
+    {"text": "a picture of a quiet garden", "image": make_image(11, (200, 96))},
+    "Number 42 and 294: xxB",
+    {"text": "medium length text with an image", "image": make_image(12, (48, 140))},
+]
+
+
+@pytest.fixture(scope="module")
+def generation_model(tiny_model_dir):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def _embedder(model, parts, **options):
+    return Embedder(model, parts.tokenizer, image_processor=parts.image_processor, **options)
+
+
+def _item(text, image):
+    if image is None:
+        return text
+    return {"image": image} if not text else {"text": text, "image": image}
+
+
+@pytest.mark.parametrize("modality", sorted(CASES))
+@pytest.mark.parametrize("layer", [-1, 2])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
+def test_packed_layout_matches_the_plain_forward(generation_model, embedder, modality, layer, pooling):
+    text, image = CASES[modality]
+    packed = _embedder(generation_model, embedder, pooling=pooling, layer=layer, attention_layout="packed")
+    prompt = (VISION if image is not None else "") + text
+    inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, prompt, image)
+    expected = reference_embedding(generation_model, inputs, layer, pooling)
+    np.testing.assert_allclose(packed.embed_batch([_item(text, image)])[0], expected, atol=1e-5, rtol=0)
+
+
+def test_every_layer_index_in_the_packed_layout_matches_the_plain_forward(generation_model, embedder):
+    image = make_image(3)
+    inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, VISION + TEXT, image)
+    for layer in range(-5, 5):  # 0: embeddings; 1..3: before/after deepstack; 4: after the final norm
+        packed = _embedder(generation_model, embedder, layer=layer, attention_layout="packed")
+        expected = reference_embedding(generation_model, inputs, layer, "mean")
+        got = packed.embed_batch([{"text": TEXT, "image": image}])[0]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("layer", [-1, 1, 2])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
+def test_packed_and_padded_layouts_give_the_same_vectors_for_a_mixed_batch(embedder, pooling, layer):
+    padded = _embedder(embedder.model, embedder, pooling=pooling, layer=layer)
+    packed = _embedder(embedder.model, embedder, pooling=pooling, layer=layer, attention_layout="packed")
+    np.testing.assert_allclose(packed.embed_batch(MIXED), padded.embed_batch(MIXED), atol=1e-5, rtol=0)
+
+
+def test_qwen3_vl_embedding_recipe_gives_the_same_vectors_packed(embedder):
+    options = dict(recipe="qwen3-vl-embedding", dimensions=32)
+    padded = _embedder(embedder.model, embedder, **options)
+    packed = _embedder(embedder.model, embedder, attention_layout="packed", **options)
+    np.testing.assert_allclose(packed.embed_batch(MIXED), padded.embed_batch(MIXED), atol=1e-5, rtol=0)
+
+
+def test_an_item_alone_equals_the_same_item_packed_with_others(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed", layer=2, pooling="max")
+    together = packed.embed_batch(MIXED)
+    for index, item in enumerate(MIXED):
+        np.testing.assert_allclose(together[index], packed.embed_batch([item])[0], atol=1e-5, rtol=0)
+
+
+def test_tight_token_budgets_split_packed_steps_without_changing_vectors(tiny_model_dir, embedder):
+    packed = Embedder.load(str(tiny_model_dir), device="cpu", attention_layout="packed")
+    tight = Embedder.load(str(tiny_model_dir), device="cpu", attention_layout="packed", max_batch_tokens=40)
+    prepared = [packed.prepare(item) for item in MIXED]
+    assert len(plan_packed([p.num_tokens for p in prepared], 40, 256)) > 2
+    np.testing.assert_allclose(tight.embed_batch(MIXED), packed.embed_batch(MIXED), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        packed.embed_batch(MIXED, batch_size=1), embedder.embed_batch(MIXED), atol=1e-5
+    )
+
+
+def test_small_memory_chunks_give_the_same_vectors(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed", layer=2)
+    whole = packed.embed_batch(MIXED)
+    packed._packed.tokens_per_call = 7  # the per-token half of every layer in pieces of 7 tokens
+    packed._packed.patches_per_call = 20  # the vision tower one or two images at a time
+    np.testing.assert_allclose(packed.embed_batch(MIXED), whole, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        whole, _embedder(embedder.model, embedder, layer=2).embed_batch(MIXED), atol=1e-5
+    )
+
+
+def test_images_are_grouped_by_patches_in_order():
+    from pipelines.packed import _image_groups
+
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2], [1, 8, 8], [1, 2, 2], [1, 2, 2]])  # 16, 4, 64, 4, 4 patches
+    assert _image_groups(grid, 20) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    assert _image_groups(grid, 1000) == [slice(0, 5)]
+    assert _image_groups(grid, 1) == [slice(i, i + 1) for i in range(5)]
+
+
+def test_flex_attention_backend_gives_the_same_vectors_as_sdpa(embedder):
+    sdpa = _embedder(embedder.model, embedder, attention_layout="packed", varlen_attention="sdpa")
+    flex = _embedder(embedder.model, embedder, attention_layout="packed", varlen_attention="flex")
+    np.testing.assert_allclose(flex.embed_batch(MIXED), sdpa.embed_batch(MIXED), atol=1e-5, rtol=0)
+
+
+def test_a_backend_that_cannot_run_here_is_a_clear_error(embedder):
+    with pytest.raises(RuntimeError, match="flash.*needs CUDA"):
+        _embedder(embedder.model, embedder, attention_layout="packed", varlen_attention="flash")
+
+
+def test_compile_needs_the_packed_layout():
+    from pydantic import ValidationError
+
+    from pipelines.config import EmbedderConfig
+
+    with pytest.raises(ValidationError, match="compile=True needs attention_layout='packed'"):
+        EmbedderConfig(compile=True)
+
+
+def test_packing_lays_items_end_to_end_with_their_own_positions(embedder):
+    prepared = [embedder.prepare(item) for item in MIXED[:4]]
+    batch = pack(prepared, embedder.model.config.image_token_id)
+    assert batch.lengths == [p.num_tokens for p in prepared]
+    assert batch.input_ids.shape == (sum(batch.lengths),)
+    start = 0
+    for p in prepared:
+        np.testing.assert_array_equal(batch.input_ids[start : start + p.num_tokens].numpy(), p.input_ids)
+        np.testing.assert_array_equal(
+            batch.position_ids[:, start : start + p.num_tokens].numpy(), p.position_ids
+        )
+        start += p.num_tokens
+    image_tokens = sum(int((p.input_ids == embedder.model.config.image_token_id).sum()) for p in prepared)
+    assert batch.image_positions.shape == (image_tokens,)
+    assert batch.image_grid_thw.shape == (2, 3)
+
+
+def test_packed_pooling_equals_padded_pooling_on_hand_made_states():
+    lengths = [3, 1, 4]
+    hidden = torch.randn(sum(lengths), 5)
+    segments = Segments.from_lengths(lengths, "cpu")
+    padded = torch.full((3, 4, 5), float("nan"))
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    start = 0
+    for row, n in enumerate(lengths):
+        padded[row, :n] = hidden[start : start + n]
+        mask[row, :n] = 1
+        start += n
+    for mode in ("mean", "max", "cls", "last"):
+        torch.testing.assert_close(pool_packed(hidden, segments, mode), pool(padded, mask, mode), msg=mode)
+
+
+def test_plan_packed_fills_steps_by_real_tokens_and_keeps_every_item_once():
+    lengths = [5, 300, 40, 40, 1000, 7, 7]
+    steps = plan_packed(lengths, max_tokens=100, max_items=3)
+    assert sorted(i for step in steps for i in step) == list(range(len(lengths)))
+    for step in steps:
+        assert len(step) <= 3
+        assert len(step) == 1 or sum(lengths[i] for i in step) <= 100
+    assert [4] in steps and [1] in steps  # too long for the budget: alone
+
+
+def test_warm_up_runs_text_and_image_steps(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed")
+    assert packed.warm_up(image_side=64) > 0
+    assert embedder.warm_up() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler"
+)
+def test_compiled_packed_layout_gives_the_same_vectors_and_compiles_each_half_once(embedder):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # whatever compiled these functions before in this process: compile them here
+    eager = _embedder(embedder.model, embedder, attention_layout="packed", layer=2)
+    compiled = _embedder(embedder.model, embedder, attention_layout="packed", layer=2, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(compiled.embed_batch(MIXED), eager.embed_batch(MIXED), atol=1e-5, rtol=0)
+    # four graphs (text qkv/out, vision qkv/out), shared by every layer
+    assert counters["stats"]["unique_graphs"] - before == 4
+    # a different token count and batch reuses them (dynamic shapes): no recompilation
+    np.testing.assert_allclose(compiled.embed_batch(MIXED[2:]), eager.embed_batch(MIXED[2:]), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 4
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_in_bf16_the_packed_layout_uses_flash_and_agrees_with_padded(cuda, tiny_model_dir):
+    padded = Embedder.load(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    packed = Embedder(
+        padded.model, padded.tokenizer, image_processor=padded.image_processor, attention_layout="packed"
+    )
+    assert packed._packed.backend == "flash"
+    cosines = np.sum(packed.embed_batch(MIXED) * padded.embed_batch(MIXED), axis=1)
+    print(f"tiny bf16 packed (flash) vs padded: min cosine {cosines.min():.5f}")
+    assert cosines.min() >= 0.99
