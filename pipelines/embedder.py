@@ -82,16 +82,7 @@ class Embedder:
                 f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}"
             )
         self.pad_token_id = _pad_token_id(tokenizer, self.model.config)
-        self.preparer = Preparer(
-            tokenizer,
-            image_processor,
-            recipe=config.recipe,
-            instruction=config.resolved_instruction,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-            max_image_pixels=config.max_image_pixels,
-            max_length=config.max_length,
-        )
+        self.preparer = Preparer.for_config(config, tokenizer, image_processor)
         if config.quantization == "fp8":
             from pipelines.fp8 import Fp8Linear, convert_to_fp8
 
@@ -124,7 +115,7 @@ class Embedder:
             dtype=dtype,
             device=device,
             attn_implementation=config.attn_implementation,
-            quantization="none" if config.quantization == "fp8" else config.quantization,
+            quantization=config.quantization,
         )
         tokenizer, image_processor = load_processor_parts(source)
         return cls(base, tokenizer, image_processor=image_processor, config=config)

@@ -88,14 +88,15 @@ def load_base_model(source: str, *, dtype, device: str, attn_implementation: str
             f"{source!r} is a {getattr(config, 'model_type', '?')!r} model, not Qwen3-VL (qwen3_vl)"
         )
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if quantization != "none":
+    bitsandbytes = quantization in ("4bit", "8bit")  # fp8 converts the loaded model in the Embedder
+    if bitsandbytes:
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModel.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load {source!r}: {exc}") from exc
-    if quantization == "none":
+    if not bitsandbytes:
         model = model.to(device)
     model.eval().requires_grad_(False)
     return base_model_of(model)

@@ -7,10 +7,6 @@ model's (its ids all fall inside the real vocabulary size).
 
 from __future__ import annotations
 
-from typing import Literal
-
-Shape = Literal["tiny", "2b", "8b"]
-
 _ROPE = {
     "rope_type": "default",
     "rope_theta": 5_000_000.0,

@@ -128,6 +128,20 @@ class Preparer:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge_size = int(image_processor.merge_size) if image_processor is not None else 2
 
+    @classmethod
+    def for_config(cls, config, tokenizer, image_processor) -> Preparer:
+        """The preparer of an `EmbedderConfig`: what the embedder uses, and what CPU stages build without weights."""
+        return cls(
+            tokenizer,
+            image_processor,
+            recipe=config.recipe,
+            instruction=config.resolved_instruction,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+            max_image_pixels=config.max_image_pixels,
+            max_length=config.max_length,
+        )
+
     def prepare(self, item: Any, index: int | None = None) -> PreparedItem:
         """Check, decode and tokenize one item. Raises an `ItemError` subclass naming the item if it is bad."""
         item = parse_item(item, index)

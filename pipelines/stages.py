@@ -99,16 +99,7 @@ def build_preparer(config: EmbedderConfig):
     from pipelines.prepare import Preparer
 
     tokenizer, image_processor = load_processor_parts(resolve_model_source(config.model))
-    return Preparer(
-        tokenizer,
-        image_processor,
-        recipe=config.recipe,
-        instruction=config.resolved_instruction,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        max_image_pixels=config.max_image_pixels,
-        max_length=config.max_length,
-    )
+    return Preparer.for_config(config, tokenizer, image_processor)
 
 
 @functools.lru_cache(maxsize=4)

@@ -133,5 +133,6 @@ def search_table(
     query = table.search(np.asarray(vector, np.float32), vector_column_name="vector").distance_type("cosine")
     if where:
         query = query.where(where, prefilter=True)
-    rows = query.select(wanted).limit(top_k).to_list()
+    # refine_factor re-ranks the candidates of an approximate (IVF-PQ) index by their exact distances
+    rows = query.select([*wanted, "_distance"]).refine_factor(10).limit(top_k).to_list()
     return [{**{key: row.get(key) for key in wanted}, "score": 1.0 - float(row["_distance"])} for row in rows]
