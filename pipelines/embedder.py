@@ -160,24 +160,18 @@ class Embedder:
     def embed_prepared(self, prepared: Sequence[PreparedItem], batch_size: int | None = None) -> np.ndarray:
         """Vectors for prepared items, in their order, batched by token budget and sorted by length."""
         out = np.empty((len(prepared), self.get_embedding_dimension()), np.float32)
-        if self._packed is not None:
-            # no padding: steps filled up by real tokens; one copy to the host at the end, not one per step
-            from pipelines.packed import plan_packed
-
-            plan = plan_packed(
-                [p.num_tokens for p in prepared],
-                max_tokens=self.config.max_batch_tokens,
-                max_items=batch_size or self.config.max_batch_items,
-            )
-            vectors = [self._finish_on_device(self.forward([prepared[i] for i in step])) for step in plan]
-            if vectors:
-                out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
-            return out
         plan = plan_batches(
             [p.num_tokens for p in prepared],
             max_tokens=self.config.max_batch_tokens,
             max_items=batch_size or self.config.max_batch_items,
+            layout=self.config.attention_layout,
         )
+        if self._packed is not None:
+            # vectors stay on the device until the end: one copy to the host, not one per step
+            vectors = [self._finish_on_device(self.forward([prepared[i] for i in step])) for step in plan]
+            if vectors:
+                out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
+            return out
         for indices in plan:
             out[indices] = self.finish(self.forward([prepared[i] for i in indices]))
         return out

@@ -29,29 +29,6 @@ from pipelines.prepare import PreparedItem
 from pipelines.varlen import BackendChoice, Segments, attention, resolve_backend
 
 
-def plan_packed(lengths: Sequence[int], max_tokens: int, max_items: int) -> list[list[int]]:
-    """Split item indices into steps of at most `max_tokens` real tokens and `max_items` items.
-
-    Longest first (so the biggest steps come first and memory peaks early); an item longer than `max_tokens`
-    gets a step of its own. Every index appears in exactly one step.
-    """
-    if max_tokens < 1 or max_items < 1:
-        raise ValueError("max_tokens and max_items must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    steps: list[list[int]] = []
-    current: list[int] = []
-    tokens = 0
-    for index in order:
-        if current and (len(current) >= max_items or tokens + lengths[index] > max_tokens):
-            steps.append(current)
-            current, tokens = [], 0
-        current.append(index)
-        tokens += lengths[index]
-    if current:
-        steps.append(current)
-    return steps
-
-
 @dataclass
 class PackedBatch:
     """One step in the packed layout, on the CPU until `.to(device)`."""

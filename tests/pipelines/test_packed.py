@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.batching import plan_batches
 from pipelines.embedder import Embedder
-from pipelines.packed import pack, plan_packed, pool_packed
+from pipelines.packed import pack, pool_packed
 from pipelines.pooling import pool
 from pipelines.varlen import Segments
 from tests.conftest import make_image
@@ -94,7 +95,7 @@ def test_tight_token_budgets_split_packed_steps_without_changing_vectors(tiny_mo
     packed = Embedder.load(str(tiny_model_dir), device="cpu", attention_layout="packed")
     tight = Embedder.load(str(tiny_model_dir), device="cpu", attention_layout="packed", max_batch_tokens=40)
     prepared = [packed.prepare(item) for item in MIXED]
-    assert len(plan_packed([p.num_tokens for p in prepared], 40, 256)) > 2
+    assert len(plan_batches([p.num_tokens for p in prepared], 40, 256, layout="packed")) > 2
     np.testing.assert_allclose(tight.embed_batch(MIXED), packed.embed_batch(MIXED), atol=1e-5, rtol=0)
     np.testing.assert_allclose(
         packed.embed_batch(MIXED, batch_size=1), embedder.embed_batch(MIXED), atol=1e-5
@@ -171,16 +172,6 @@ def test_packed_pooling_equals_padded_pooling_on_hand_made_states():
         start += n
     for mode in ("mean", "max", "cls", "last"):
         torch.testing.assert_close(pool_packed(hidden, segments, mode), pool(padded, mask, mode), msg=mode)
-
-
-def test_plan_packed_fills_steps_by_real_tokens_and_keeps_every_item_once():
-    lengths = [5, 300, 40, 40, 1000, 7, 7]
-    steps = plan_packed(lengths, max_tokens=100, max_items=3)
-    assert sorted(i for step in steps for i in step) == list(range(len(lengths)))
-    for step in steps:
-        assert len(step) <= 3
-        assert len(step) == 1 or sum(lengths[i] for i in step) <= 100
-    assert [4] in steps and [1] in steps  # too long for the budget: alone
 
 
 def test_warm_up_runs_text_and_image_steps(embedder):
