@@ -160,7 +160,6 @@ def serve_forever(target: Target, address: str | None) -> int:
         return 1
     finally:
         if address == "local":
-            serve.shutdown()
-            ray.shutdown()
+            ray.shutdown()  # the whole local instance goes, replicas included: no graceful drain to wait for
         else:
             serve.delete(APP_NAME)

@@ -1,8 +1,8 @@
 """The Grafana dashboard queries exactly the metrics pipelines/metrics.py defines, under the names Ray exports.
 
 Ray exports a metric `vlm_embed_x` as `ray_vlm_embed_x`: a counter as `..._total`, a histogram as
-`..._bucket`/`..._sum`/`..._count`, a gauge as itself. The static tests read metrics.py's source; the slow test
-records every metric in a real local Ray and reads its Prometheus endpoint.
+`..._bucket`/`..._sum`/`..._count`, a gauge as itself. These tests read metrics.py's source; the cluster test
+(test_two_node_backfill.py) records every metric on a real cluster and reads its Prometheus endpoints.
 """
 
 from __future__ import annotations
@@ -11,15 +11,7 @@ import ast
 import inspect
 import json
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import textwrap
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "cluster" / "dashboards" / "vlm-embed.json"
@@ -173,85 +165,8 @@ def test_dashboard_is_importable_grafana_json():
             assert 'SessionName=~"$SessionName"' in expr, f"query ignores the session filter: {expr}"
 
 
-SCRAPE = textwrap.dedent(
-    """
-    import inspect, json, sys, time, urllib.request
-    import ray
-    from pipelines import metrics
-
-    port = int(sys.argv[1])
-    temp_dir = sys.argv[3]
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _metrics_export_port=port, _temp_dir=temp_dir,
-             _system_config={"metrics_report_interval_ms": 500})
-    SAMPLE = {"str": "text", "int": 2, "float": 0.05}
-
-    @ray.remote
-    def record():
-        for cls in (metrics.PipelineMetrics, metrics.ServeMetrics):
-            recorder = cls()
-            for name, method in inspect.getmembers(recorder, inspect.ismethod):
-                if not name.startswith("_"):
-                    params = inspect.signature(method).parameters.values()
-                    method(*[SAMPLE[p.annotation] for p in params if p.default is p.empty])
-        time.sleep(1.5)
-
-    ray.get(record.remote())
-    deadline, families = time.time() + 120, {}
-    while time.time() < deadline:
-        try:  # the metrics agent may still be starting
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        except OSError:
-            time.sleep(0.5)
-            continue
-        families = {}
-        for line in body.splitlines():
-            if line.startswith("ray_vlm_embed_"):
-                name, _, rest = line.partition("{")
-                labels = [pair.split("=")[0] for pair in rest.rsplit("}", 1)[0].split('",') if pair]
-                families.setdefault(name, set()).update(label.strip() for label in labels)
-        if len({n.rsplit("_", 1)[0] for n in families}) >= int(sys.argv[2]):
-            break
-        time.sleep(0.5)
-    ray.shutdown()
-    print(json.dumps({name: sorted(labels) for name, labels in families.items()}))
-    """
-)
-
-
-@pytest.mark.slow
-def test_ray_exports_the_series_the_dashboard_queries():
-    """Record every metric once in a fresh local Ray and read Ray's Prometheus endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp_dir = tempfile.mkdtemp(prefix="rdash", dir="/tmp")  # short: Ray's socket paths have a length limit
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", SCRAPE, str(port), str(len(defined_metrics())), temp_dir],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    scraped = json.loads(result.stdout.strip().splitlines()[-1])
-    used = {name for expr in queries() for name in metric_names(expr)}
-    missing = used - set(scraped)
-    assert not missing, (
-        f"the dashboard queries series Ray does not export: {missing}; Ray has {sorted(scraped)}"
-    )
-    series = exported_series()
-    for name in used:
-        query_labels = set().union(*(label_names(e) for e in queries() if name in metric_names(e)))
-        assert query_labels <= set(scraped[name]) | {"le"}, (name, query_labels, scraped[name])
-    assert set(scraped) == set(series), "metrics.py and the exported series disagree"
-
-
 def test_recorders_take_only_arguments_the_scrape_test_can_fill():
-    """The slow test calls every recorder method with sample values chosen by annotation."""
+    """The cluster test calls every recorder method with sample values chosen by annotation."""
     from pipelines import metrics
 
     for cls in (metrics.PipelineMetrics, metrics.ServeMetrics):

@@ -70,7 +70,6 @@ def cluster(tmp_path_factory):
         "VLM_EMBED_CLUSTER_DIR": f"/tmp/vc{os.getpid()}",
         "VLM_EMBED_CLUSTER_PORT": str(port),
         "VLM_EMBED_CLUSTER_CPUS": "2",
-        "RAY_metrics_report_interval_ms": "1000",  # report metrics every second, not every 10 s
     }
     try:
         up = subprocess.run([str(LOCAL), "up", "1"], env=env, capture_output=True, text=True, timeout=600)
@@ -198,6 +197,61 @@ def series_value(metrics: str, name: str, **labels: str) -> float:
         if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+RECORD_EVERY_METRIC = """
+import inspect, time
+import ray
+from pipelines import metrics
+
+SAMPLE = {"str": "synthetic", "int": 2, "float": 0.05}  # labels no real row carries
+
+@ray.remote
+class Recorder:  # detached, to outlive this driver: a gauge is exported only while its process lives
+
+    def record(self):
+        for recorder in (metrics.PipelineMetrics(), metrics.ServeMetrics()):
+            for name, method in inspect.getmembers(recorder, inspect.ismethod):
+                if not name.startswith("_"):
+                    params = inspect.signature(method).parameters.values()
+                    method(*[SAMPLE[p.annotation] for p in params if p.default is p.empty])
+
+ray.init(namespace="tests")
+recorder = Recorder.options(name="metrics-recorder", lifetime="detached", get_if_exists=True).remote()
+ray.get(recorder.record.remote())
+time.sleep(1)
+"""
+
+
+def exported_families(metrics: str) -> dict[str, set[str]]:
+    """{series name: the label names it carries} of the `ray_vlm_embed_*` series in a scrape."""
+    families: dict[str, set[str]] = {}
+    for line in metrics.splitlines():
+        match = re.match(r"^(ray_vlm_embed_\w+)(?:\{([^}]*)\})?\s", line)
+        if match:
+            labels = re.findall(r'(\w+)="', match.group(2) or "")
+            families.setdefault(match.group(1), set()).update(labels)
+    return families
+
+
+def test_every_series_the_grafana_dashboard_queries_is_exported_with_its_labels(cluster):
+    from tests.cluster.test_dashboard import exported_series, label_names, metric_names, queries
+
+    recorded = cluster.run(sys.executable, "-c", RECORD_EVERY_METRIC, cwd=ROOT, timeout=300)
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    used = {name for expr in queries() for name in metric_names(expr)}
+    deadline = time.monotonic() + 90
+    while True:
+        families = exported_families(scrape(cluster.metrics_ports()))
+        missing = used - set(families)
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"the dashboard queries series Ray does not export: {missing}"
+        time.sleep(3)
+    for name in used:
+        query_labels = set().union(*(label_names(e) for e in queries() if name in metric_names(e)))
+        assert query_labels <= families[name] | {"le"}, (name, query_labels, families[name])
+    assert set(families) == set(exported_series()), "metrics.py and the exported series disagree"
 
 
 def test_our_metrics_reach_the_prometheus_endpoints_of_the_nodes(cluster, submitted_job, deployed_app):
