@@ -105,19 +105,19 @@ up() {
     print_env
 }
 
-down() {
-    local pidfile pid
+down() { # every node at once: TERM, wait up to 5 s for all of them, then KILL what is left
+    local pidfile pid alive pids=()
     for pidfile in "$DIR"/worker*.pid "$DIR"/head.pid; do
-        [ -f "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        kill -TERM -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 1 30); do
-            kill -0 -- "-$pid" 2>/dev/null || break
-            sleep 0.5
-        done
-        kill -KILL -- "-$pid" 2>/dev/null || true
-        rm -f "$pidfile"
+        [ -f "$pidfile" ] && pids+=("$(cat "$pidfile")")
     done
+    for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 10); do
+        alive=0
+        for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.5
+    done
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
     rm -rf "$DIR"
     say "down"
 }

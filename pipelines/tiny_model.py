@@ -233,9 +233,6 @@ def _video_processor_config(image_processor) -> dict:
 
 def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Build the tiny checkpoint into `output_dir` and return its path."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
@@ -243,6 +240,8 @@ def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = Fal
                 f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace it"
             )
         shutil.rmtree(output_dir)
+    import torch  # after the cheap checks: these imports take seconds
+    from transformers import Qwen3VLForConditionalGeneration
     tokenizer = build_tokenizer()
     image_processor = build_image_processor()
     config = build_config(tokenizer)
