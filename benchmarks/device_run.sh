@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU table in one device call (about 7 minutes on one H100, 9 at most: every step is bounded).
-#   here:   bash benchmarks/device_prepare.sh
-#   device: carry [".whl/bench"], command "bash benchmarks/device_run.sh", timeout_s 570
+# The whole GPU table in one device call (about 6 minutes on one H100, 7 at most: every step is bounded).
+#   here:   bash benchmarks/device_prepare.sh [--ray]
+#   device: carry [".whl/bench"] (and ".devwheels/q1" with --ray), command "bash benchmarks/device_run.sh",
+#           timeout_s 420; then, with --ray, device_ray.sh in the next call (the backfill and Serve on the GPU)
 # Logs and the JSON go to $OUT; the reply's tail ends with the table. Installs nothing but the carried wheels
 # (into /tmp/site); leaves the GPU's settings alone.
 set -uo pipefail
@@ -11,7 +12,11 @@ began=$(date +%s)
 elapsed() { echo $(( $(date +%s) - began )); }
 
 # Overrides for a dry run elsewhere: BENCH_ARGS (the bench's arguments), SKIP_INSTALL=1 (use what is installed).
-BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile --variant padded"}
+BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile"}
+BENCH_DEADLINE=${BENCH_DEADLINE:-270}
+if [ -d .devwheels/q1 ]; then  # the first half of the Ray pack: device_ray.sh picks it up in the next call
+  mkdir -p /tmp/rk && cp .devwheels/q1/part.* /tmp/rk/
+fi
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
   export PYTHONPATH=$PWD
 elif ls .whl/bench/*.whl >/dev/null 2>&1; then
@@ -34,13 +39,14 @@ transformers.__version__, '| pydantic', pydantic.__version__, '|', torch.cuda.ge
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== [$(elapsed) s] GPU checks: flash varlen kernel, packed layout in bf16 =="
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
-  tests/pipelines/test_varlen.py tests/pipelines/test_packed.py >"$OUT/gpu_tests.log" 2>&1
-echo "pytest exit $?"; grep -E "passed|failed|skipped|error|cosine" "$OUT/gpu_tests.log" | tail -6
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
+  tests/pipelines/test_varlen.py tests/pipelines/test_packed.py tests/pipelines/test_gpu_real_shape.py \
+  >"$OUT/gpu_tests.log" 2>&1
+echo "pytest exit $?"; grep -E "passed|failed|skipped|rror|cosine" "$OUT/gpu_tests.log" | tail -10
 
-echo "== [$(elapsed) s] benchmark: 2B and 8B, text and image; baseline, packed, packed+compile, padded =="
+echo "== [$(elapsed) s] benchmark: $BENCH_ARGS (and the baseline), text and image =="
 # shellcheck disable=SC2086
-timeout 420 python3 -m benchmarks.bench $BENCH_ARGS --deadline-s 330 --json "$OUT/bench.json" \
+timeout $((BENCH_DEADLINE + 60)) python3 -m benchmarks.bench $BENCH_ARGS --deadline-s "$BENCH_DEADLINE" --json "$OUT/bench.json" \
   >"$OUT/bench.out" 2>"$OUT/bench.log"
 status=$?
 echo "bench exit $status after $(elapsed) s"

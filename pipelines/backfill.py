@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
@@ -132,8 +133,11 @@ def embedding_dimension(config: EmbedderConfig) -> int:
 # -- the job -------------------------------------------------------------------------------------------------
 
 
-def run_backfill(config: Config) -> BackfillSummary:
-    """Embed every source row into the vectors table or record it in the errors table, exactly once."""
+def run_backfill(config: Config, on_batch: Callable[[int], None] | None = None) -> BackfillSummary:
+    """Embed every source row into the vectors table or record it in the errors table, exactly once.
+
+    `on_batch(rows)`, if given, is called after each output batch reaches the sink (benchmarks time the steady
+    state with it)."""
     from pipelines.readers import read_source
     from pipelines.sink import BackfillSink
     from pipelines.stages import build_pipeline, done_set
@@ -154,6 +158,8 @@ def run_backfill(config: Config) -> BackfillSummary:
     try:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.write(batch)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
     except BaseException:
         _commit_what_is_done(sink)
         raise

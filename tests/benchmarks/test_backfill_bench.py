@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.backfill_bench import format_result, main, write_corpus
+from benchmarks.backfill_bench import format_result, main, steady_state, write_corpus
 
 
 def test_the_corpus_is_written_as_a_real_job_reads_it(tmp_path):
@@ -17,11 +17,18 @@ def test_the_corpus_is_written_as_a_real_job_reads_it(tmp_path):
     assert items[:5] == [row["text"] for row in rows] and items[5] == {"image": str(image_dir / "00000.png")}
 
 
+def test_the_steady_rate_leaves_out_the_first_batch_and_its_start_up():
+    arrivals = [(10.0, 100), (11.0, 50), (13.0, 150)]  # 20 s of start-up before the first batch is not seen
+    steady = steady_state(arrivals)
+    assert steady["rows_per_s"] == pytest.approx(200 / 3.0) and steady["batches"] == 3
+    assert steady_state(arrivals[:1]) is None
+
+
 @pytest.mark.slow
 def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path, ray_session, capsys):
     out = tmp_path / "result.json"
     code = main(
-        ["--texts", "6", "--images", "1", "--packed", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+        ["--texts", "6", "--images", "1", "--packed", "--batch-rows", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)]
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -31,6 +38,10 @@ def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path
         assert result[name]["rows_per_s"] == pytest.approx(7 / result[name]["seconds"])
     assert result["backfill_over_bare_forward"] == pytest.approx(
         result["backfill"]["rows_per_s"] / result["bare_forward"]["rows_per_s"]
+    )
+    assert result["backfill_steady"]["batches"] >= 2
+    assert result["steady_over_bare_forward"] == pytest.approx(
+        result["backfill_steady"]["rows_per_s"] / result["bare_forward"]["rows_per_s"]
     )
     printed = capsys.readouterr().out
     assert format_result(result) in printed and "target >= 90%" in printed

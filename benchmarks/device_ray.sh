@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The Ray parts on the GPU, in the call right after device_run.sh on the same warm machine (about 4 minutes):
+#   device: carry [".devwheels/q2"], command "bash benchmarks/device_ray.sh", timeout_s 330
+# Joins the Ray pack's halves (q1 came with device_run.sh into /tmp/rk), unpacks it into /tmp/site beside the
+# transformers that device_run.sh installed there, then
+#   1. the backfill end to end on the mixed workload (2,048 texts + 256 images of 448x448), 2B shape, random
+#      weights, against the bare embedder on the same rows (issue 3 section 8, issue 6 section 1);
+#   2. Ray Serve with the 2B shape: single-text requests at concurrency 1, 8 and 64 (issue 4 section 5).
+# Logs and JSON go to $OUT; the tail of the output holds both results.
+set -uo pipefail
+OUT=${OUT:-/tmp/ray-out}
+mkdir -p "$OUT"
+began=$(date +%s)
+elapsed() { echo $(( $(date +%s) - began )); }
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  mkdir -p /tmp/rk /tmp/site && cp .devwheels/q2/part.* /tmp/rk/
+  cat /tmp/rk/part.0 /tmp/rk/part.1 | xz -d | tar xf - -C /tmp/site || { echo "the Ray pack is incomplete"; exit 1; }
+  export PATH=/tmp/site/bin:$PATH
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+python3 -c "import ray, lancedb, transformers; print('ray', ray.__version__, '| lancedb', lancedb.__version__, \
+'| transformers', transformers.__version__)" 2>&1 | tee "$OUT/ray_env.txt"
+
+SHAPE=${SHAPE:-2b}
+BACKFILL_ARGS=${BACKFILL_ARGS:-"--texts 2048 --images 256 --image-side 448 --packed"}
+echo "== [$(elapsed) s] backfill end to end, $SHAPE: $BACKFILL_ARGS =="
+# shellcheck disable=SC2086
+timeout 150 python3 -m benchmarks.backfill_bench --shape "$SHAPE" $BACKFILL_ARGS --json "$OUT/backfill.json" \
+  >"$OUT/backfill.out" 2>"$OUT/backfill.log"
+echo "backfill bench exit $? after $(elapsed) s"
+grep -E "^Traceback|Error" "$OUT/backfill.log" | sort | uniq -c | head -5
+cat "$OUT/backfill.out"
+ray stop --force >/dev/null 2>&1 || python3 -c "import ray; ray.shutdown()" >/dev/null 2>&1
+
+LOAD_ARGS=${LOAD_ARGS:-"--concurrency 1 8 64 --duration 10 --min-speedup 5"}
+echo "== [$(elapsed) s] Ray Serve, $SHAPE: $LOAD_ARGS =="
+# shellcheck disable=SC2086
+timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD_ARGS --json "$OUT/serve.json" \
+  >"$OUT/serve.out" 2>"$OUT/serve.log"
+echo "load test exit $? after $(elapsed) s"
+grep -E "^Traceback|Error" "$OUT/serve.log" | sort | uniq -c | head -5
+cat "$OUT/serve.out"
