@@ -25,14 +25,16 @@ ls -la .whl/bench
 if [ "${1:-}" = --ray ]; then
   work=$(mktemp -d)
   # shellcheck disable=SC2086
-  python3 -m pip download -q $target -d "$work/dl" "ray[data,serve]==2.60.0" lancedb==0.40.0
+  python3 -m pip download -q $target -d "$work/dl" "ray[data,serve]==2.60.0" lancedb==0.40.0 \
+    "grpcio>=1.85.1"
   # what the GPU image already has (KINDS.md; the list the shared device-wheels tool keeps) stays behind
   have=$(sed -n '/^HAVE="/,/"$/p' ../shared/tools/device-wheels | tr -d '"' | sed 's/^HAVE=//' | tr ' ' '\n')
   mkdir -p "$work/keep"
   for f in "$work"/dl/*.whl; do
     name=$(basename "$f" | cut -d- -f1 | tr 'A-Z_' 'a-z-')
     case $name in pydantic|pydantic-core|annotated-types|typing-inspection) continue ;; esac  # in .whl/bench
-    grep -qx -- "$name" <<<"$have" || cp "$f" "$work/keep/"
+    # grpcio: Serve imports grpc_reflection, whose generated code wants a newer grpcio than the image's 1.84
+    [ "$name" = grpcio ] || ! grep -qx -- "$name" <<<"$have" && cp "$f" "$work/keep/"
   done
   # shellcheck disable=SC2086
   python3 -m pip install -q --no-deps --no-compile --no-index $target --target "$work/site" "$work"/keep/*.whl

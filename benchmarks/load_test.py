@@ -247,6 +247,7 @@ def run_levels(
         count = 2 * concurrency if warmup is None else warmup
         if count:
             asyncio.run(drive(url, bodies, concurrency=concurrency, requests=count, headers=headers))
+        before = replica_stats(url, headers)
         result = asyncio.run(
             drive(
                 url,
@@ -258,11 +259,37 @@ def run_levels(
             )
         )
         summary = result.summary()
+        after = replica_stats(url, headers)
+        if before and after and after.get("batches", 0) > before.get("batches", 0):
+            batches = after["batches"] - before["batches"]
+            summary["server_batches"] = batches
+            summary["server_mean_batch"] = (after["batched_items"] - before["batched_items"]) / batches
+            summary["device"] = after.get("device")
         rows.append(summary)
         print(format_row(summary), flush=True)
+        if "server_batches" in summary:
+            print(
+                f"      server: {summary['server_batches']} batches, {summary['server_mean_batch']:.1f} items "
+                f"each on average, on {summary['device']}",
+                flush=True,
+            )
         for message, count in result.messages.most_common(3):
             print(f"      {count} x {message}", flush=True)
     return rows
+
+
+def replica_stats(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
+    """`/healthz` of the replica that answers (batches so far, device); None if it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    base = url.rsplit("/v1/", 1)[0]
+    try:
+        request = urllib.request.Request(f"{base}/healthz", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 # -- a local endpoint --------------------------------------------------------------------------------------
@@ -286,6 +313,11 @@ def random_checkpoint(shape: str, directory: Path, device: str) -> Path:
     return directory
 
 
+# `--serve 2b|8b` on a GPU: the fast path, and ingress replicas enough to keep one model replica's batches full
+GPU_EMBEDDER_DEFAULTS = {"attention_layout": "packed", "compile": True}
+GPU_SERVE_DEFAULTS = {"ingress_replicas": 4, "ingress_num_cpus": 1}
+
+
 def start_local_endpoint(model: str, embedder_options: dict, serve_options: dict, workdir: Path) -> str:
     """Start local Ray and Serve on 127.0.0.1 with the app for `model`; returns the URL once /healthz is 200."""
     import ray
@@ -298,6 +330,12 @@ def start_local_endpoint(model: str, embedder_options: dict, serve_options: dict
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if (
+            device == "cuda"
+        ):  # what a GPU deployment should run (README, Serving), unless the options say else
+            embedder_options = {**GPU_EMBEDDER_DEFAULTS, **embedder_options}
+            serve_options = {**GPU_SERVE_DEFAULTS, **serve_options}
+        print(f"embedder options {embedder_options}, serve options {serve_options}", flush=True)
         began = time.perf_counter()
         model = str(random_checkpoint(model, workdir / f"random-{model}", device))
         print(

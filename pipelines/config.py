@@ -312,9 +312,9 @@ class ServeConfig(StrictModel):
         default=30.0, gt=0, description="A request not answered by then gets 503 with Retry-After."
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with every 503.")
-    # replicas (defaults of the Serve deployment)
-    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (autoscaling).")
-    max_replicas: int = Field(default=1, ge=1, description="Most replicas (autoscaling).")
+    # replicas (defaults of the Serve deployments: EmbeddingModel, and the EmbeddingService ingress)
+    min_replicas: int = Field(default=1, ge=0, description="Fewest model replicas (autoscaling).")
+    max_replicas: int = Field(default=1, ge=1, description="Most model replicas (autoscaling).")
     target_ongoing_requests: float = Field(
         default=16, gt=0, description="Requests per replica the autoscaler aims for (batching wants several)."
     )
@@ -325,9 +325,17 @@ class ServeConfig(StrictModel):
         description="Requests queued per proxy before 503 with Retry-After (-1: no limit).",
     )
     num_gpus: float | None = Field(
-        default=None, ge=0, description="GPUs per replica; default: 1 if the Ray cluster has GPUs, else 0."
+        default=None,
+        ge=0,
+        description="GPUs per model replica; default: 1 if the Ray cluster has GPUs, else 0.",
     )
-    num_cpus: float = Field(default=1, ge=0, description="CPUs per replica.")
+    num_cpus: float = Field(default=1, ge=0, description="CPUs per model replica.")
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="HTTP ingress replicas (checks, tokenizing, responses); add some on busy GPU nodes.",
+    )
+    ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs per ingress replica.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:

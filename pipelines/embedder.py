@@ -180,9 +180,10 @@ class Embedder:
         """Run a few representative steps (and compile, with `compile=True`); returns the seconds it took.
 
         Call it before taking work (a Serve replica, a backfill actor), so that the first request does not pay
-        for compilation. `image_side` (packed layout): also warm up the vision tower on such square images."""
+        for compilation. `image_side` (packed layout): also warm up the vision tower on such square images.
+        On a GPU the packed layout also runs one full step (`max_batch_tokens`) of each kind."""
         if self._packed is not None:
-            return self._packed.warm_up(image_side=image_side)
+            return self._packed.warm_up(image_side=image_side, step_tokens=self.config.max_batch_tokens)
         import time
 
         start = time.perf_counter()

@@ -152,8 +152,8 @@ def _compiled_halves() -> dict:
 # Memory: the per-token second half of a decoder layer (o_proj, MLP) runs over at most this many tokens at a
 # time, and the vision tower over groups of images of at most this many patches, so that activations stay
 # small whatever the step's token budget (the MLP's intermediate states are the largest tensors by far).
-TOKENS_PER_CALL = 8192
-PATCHES_PER_CALL = 8192
+TOKENS_PER_CALL = 16384
+PATCHES_PER_CALL = 32768
 
 
 def _in_chunks(fn, module, hidden: torch.Tensor, attended: torch.Tensor, size: int) -> torch.Tensor:
@@ -268,8 +268,18 @@ class PackedForward:
         deepstack = [torch.cat(parts) for parts in zip(*(d for _, d in outputs), strict=True)]
         return merged, deepstack
 
-    def warm_up(self, lengths: Sequence[int] = (64, 512, 7, 300), image_side: int | None = None) -> float:
-        """Run representative steps once (compiles when `compile` is on); returns the seconds it took."""
+    def warm_up(
+        self,
+        lengths: Sequence[int] = (64, 512, 7, 300),
+        image_side: int | None = None,
+        step_tokens: int | None = None,
+    ) -> float:
+        """Run representative steps once (compiles when `compile` is on); returns the seconds it took.
+
+        On a GPU, with `step_tokens` (the step's token budget), also one full step of text and, with
+        `image_side`, one of images: the first steps of new sizes load their kernels and pick their algorithms
+        (on an H200, 2B images timed in their first pass ran at 122 items/s, at 324 after one pass;
+        benchmarks/NOTES.md), a cost a replica or actor should pay before it takes work."""
         from pipelines import synthetic
 
         start = time.perf_counter()
@@ -280,6 +290,15 @@ class PackedForward:
             self.forward(group)
         if image_side:
             self.forward([synthetic.image_item(rng, config, image_side) for _ in range(2)])
+        if step_tokens and self.device.type == "cuda":
+            per_text = 256
+            self.forward([synthetic.text_item(rng, per_text, config) for _ in range(step_tokens // per_text)])
+            if image_side:
+                one = synthetic.image_item(rng, config, image_side)
+                count = max(1, step_tokens // one.num_tokens)
+                self.forward(
+                    [one] + [synthetic.image_item(rng, config, image_side) for _ in range(count - 1)]
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

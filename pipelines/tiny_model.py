@@ -242,6 +242,7 @@ def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = Fal
         shutil.rmtree(output_dir)
     import torch  # after the cheap checks: these imports take seconds
     from transformers import Qwen3VLForConditionalGeneration
+
     tokenizer = build_tokenizer()
     image_processor = build_image_processor()
     config = build_config(tokenizer)

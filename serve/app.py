@@ -1,10 +1,12 @@
 """The Ray Serve app: the same `pipelines.embedder.Embedder` the backfill uses, behind an HTTP API.
 
-One deployment, `EmbeddingService`. Each replica loads the embedder once, runs one warm-up batch, and then
-serves the routes of `serve.routes`. A request's items are prepared (decoded, tokenized) on a thread pool;
-then every item joins the replica's `@serve.batch` queue, which puts items of concurrent requests into one
-forward pass up to a padded-token budget. The forward pass runs on its own thread, so the event loop keeps
-accepting and preparing requests meanwhile.
+Two deployments. `EmbeddingService` is the HTTP ingress (CPU replicas): the routes of `serve.routes`, input
+checks, preparing items (decode, tokenize) on a thread pool, and responses. `EmbeddingModel` holds the
+embedder (a GPU per replica where the cluster has GPUs): it loads it once, runs one warm-up batch, and then
+puts the items of concurrent requests into one forward pass through its `@serve.batch` queue, up to a
+padded-token budget, the forward pass on its own thread. Keeping HTTP and tokenizing out of the model's
+process matters on a GPU: a forward pass takes milliseconds there, and per-request Python work in the same
+process (one interpreter lock) would otherwise cap the requests per second and keep batches small.
 
 Build the app with `build_app(args)` (import path `serve.app:build_app`, as in serve/config.yaml) or
 `app_for(config)`; both take the one `pipelines.config.Config`.
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 from ray import serve as ray_serve
 
-from pipelines.config import Config, ServeConfig
+from pipelines.config import Config, EmbedderConfig, ServeConfig
 from pipelines.items import ItemError
 from pipelines.metrics import ServeMetrics
 from serve.auth import api_key_from_env
@@ -31,8 +33,10 @@ from serve.inputs import InputLimits, join_field
 from serve.search import SearchTable
 
 APP_NAME = "vlm-embed"
-DEPLOYMENT_NAME = "EmbeddingService"
+INGRESS_DEPLOYMENT = "EmbeddingService"  # HTTP: checks, preparing, responses (CPU replicas)
+MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 PREPARE_THREADS = 4
+HEALTH_TIMEOUT_S = 5.0
 _IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
 
 
@@ -73,83 +77,46 @@ class _TokenBudgetWarningFilter(logging.Filter):
         return "max_batch_size" not in record.getMessage()
 
 
-@ray_serve.deployment(name=DEPLOYMENT_NAME)
-@ray_serve.ingress()
-class EmbeddingService:
-    """One replica: the embedder, its batch queue, and the routes built for it by `serve.routes`."""
+def serving_embedder_config(config: Config) -> EmbedderConfig:
+    """The embedder options both deployments use: the config's, with the server's image-size bound."""
+    return config.embedder.model_copy(
+        update={"max_image_pixels": min(config.embedder.max_image_pixels, config.serve.max_image_pixels)}
+    )
+
+
+@ray_serve.deployment(name=MODEL_DEPLOYMENT)
+class EmbeddingModel:
+    """One model replica (a GPU, where there is one): the embedder and its `@serve.batch` queue. It only
+    embeds prepared items; HTTP, checks, tokenizing and responses stay on the ingress replicas, so this
+    process's one Python thread of control goes to forming batches and launching the forward pass."""
 
     def __init__(self, config: dict[str, Any]):
         from pipelines.embedder import Embedder
 
         self.config = Config.model_validate(config)
-        serve_config = self.config.serve
-        embedder_config = self.config.embedder.model_copy(
-            update={
-                "max_image_pixels": min(self.config.embedder.max_image_pixels, serve_config.max_image_pixels)
-            }
-        )
+        embedder_config = serving_embedder_config(self.config)
         self.embedder = Embedder.from_config(embedder_config)
-        self.dimension = self.embedder.get_embedding_dimension()
-        self.model_name = serve_config.served_model_name or self.config.embedder.model
-        self.api_key = api_key_from_env(serve_config.api_key_env)
-        self.limits = InputLimits(serve_config.max_items_per_request, serve_config.max_text_chars)
-        self.search_table = SearchTable(self.config.table, self.config.embedder, self.dimension)
         self.metrics = ServeMetrics()
         self.stats = BatchStats()
-        self.created = int(time.time())
         self.pending_items = 0
         self._budget = max(embedder_config.max_batch_tokens, embedder_config.max_length)
-        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
         logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
         self._embed_item.set_max_batch_size(self._budget)
-        self._embed_item.set_batch_wait_timeout_s(serve_config.batch_wait_timeout_s)
+        self._embed_item.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
         self._warm_up()
         self.ready = True
 
-    def __serve_build_asgi_app__(self):
-        from serve.routes import build_api
-
-        return build_api(self)
-
-    @property
-    def serve_config(self) -> ServeConfig:
-        return self.config.serve
-
-    # -- embedding --------------------------------------------------------------------------------------
-
-    async def embed(self, items: list[Any], fields: list[str]) -> tuple[np.ndarray, int]:
-        """Vectors `[n, D]` for checked items and their token count; 422 for a bad item, 503 past the timeout."""
-        timeout = self.serve_config.request_timeout_s
-        loop = asyncio.get_running_loop()
+    async def embed(self, prepared: list[Any]) -> np.ndarray:
+        """Vectors `[n, D]` for one request's prepared items; they join the items of concurrent requests."""
+        self._queue_changed(len(prepared))
         try:
-            async with asyncio.timeout(timeout):
-                prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields)
-                self._queue_changed(len(prepared))
-                try:
-                    rows = await asyncio.gather(
-                        *(self._embed_item(_Pending(p, min(p.num_tokens, self._budget))) for p in prepared)
-                    )
-                finally:
-                    self._queue_changed(-len(prepared))
-        except TimeoutError:
-            raise overloaded(
-                f"the request was not answered within {timeout:g} s: the server is overloaded, retry later",
-                self.serve_config.retry_after_s,
-            ) from None
-        return np.stack(rows), sum(p.num_tokens for p in prepared)
-
-    def _prepare_all(self, items: list[Any], fields: list[str]) -> list[Any]:
-        out = []
-        for item, name in zip(items, fields, strict=True):
-            try:
-                out.append(self.embedder.prepare(item))
-            except ItemError as exc:
-                key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
-                raise ApiError(
-                    422, f"{name or key}: {exc.reason}", param=join_field(name, key), code=exc.kind
-                ) from exc
-        return out
+            rows = await asyncio.gather(
+                *(self._embed_item(_Pending(p, min(p.num_tokens, self._budget))) for p in prepared)
+            )
+        finally:
+            self._queue_changed(-len(prepared))
+        return np.stack(rows)
 
     @ray_serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=padded_tokens)
     async def _embed_item(self, batch: list[_Pending]) -> list[np.ndarray]:
@@ -180,13 +147,10 @@ class EmbeddingService:
         if not np.isfinite(vectors).all():
             raise RuntimeError("the warm-up batch gave non-finite vectors: the model is broken")
 
-    # -- health -----------------------------------------------------------------------------------------
-
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok" if self.ready else "loading",
-            "model": self.model_name,
-            "dimension": self.dimension,
+            "dimension": self.embedder.get_embedding_dimension(),
             "device": str(self.embedder.device),
             "replica": ray_serve.get_replica_context().replica_id.unique_id,
             "pending_items": self.pending_items,
@@ -198,6 +162,88 @@ class EmbeddingService:
         """Serve's periodic replica health check: the model is loaded and its thread can still run."""
         if not self.ready or self._forward_pool._shutdown:
             raise RuntimeError("the embedder is not ready")
+
+
+@ray_serve.deployment(name=INGRESS_DEPLOYMENT)
+@ray_serve.ingress()
+class EmbeddingService:
+    """One ingress replica (CPU): the routes of `serve.routes`, input checks, preparing (decode, tokenize)
+    on a thread pool, and responses; vectors come from the `EmbeddingModel` deployment through `model`."""
+
+    def __init__(self, config: dict[str, Any], model):
+        from pipelines.backfill import embedding_dimension
+        from pipelines.stages import build_preparer
+
+        self.config = Config.model_validate(config)
+        serve_config = self.config.serve
+        embedder_config = serving_embedder_config(self.config)
+        self.model = model
+        self.preparer = build_preparer(embedder_config)
+        self.dimension = embedding_dimension(embedder_config)
+        self.normalize = embedder_config.normalize
+        self.model_name = serve_config.served_model_name or self.config.embedder.model
+        self.api_key = api_key_from_env(serve_config.api_key_env)
+        self.limits = InputLimits(serve_config.max_items_per_request, serve_config.max_text_chars)
+        self.search_table = SearchTable(self.config.table, self.config.embedder, self.dimension)
+        self.metrics = ServeMetrics()
+        self.created = int(time.time())
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+
+    def __serve_build_asgi_app__(self):
+        from serve.routes import build_api
+
+        return build_api(self)
+
+    @property
+    def serve_config(self) -> ServeConfig:
+        return self.config.serve
+
+    async def embed(self, items: list[Any], fields: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors `[n, D]` for checked items and their token count; 422 for a bad item, 503 past the timeout,
+        when the model replicas' queues are full, or when a model replica died with the request."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        timeout = self.serve_config.request_timeout_s
+        retry_after = self.serve_config.retry_after_s
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields)
+                vectors = await self.model.embed.remote(prepared)
+        except TimeoutError:
+            raise overloaded(
+                f"the request was not answered within {timeout:g} s: the server is overloaded, retry later",
+                retry_after,
+            ) from None
+        except BackPressureError:
+            raise overloaded("the model replicas' queues are full: retry later", retry_after) from None
+        except RayActorError:
+            raise overloaded(
+                "a model replica stopped while embedding this request: retry", retry_after
+            ) from None
+        return vectors, sum(p.num_tokens for p in prepared)
+
+    def _prepare_all(self, items: list[Any], fields: list[str]) -> list[Any]:
+        out = []
+        for item, name in zip(items, fields, strict=True):
+            try:
+                out.append(self.preparer.prepare(item))
+            except ItemError as exc:
+                key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
+                raise ApiError(
+                    422, f"{name or key}: {exc.reason}", param=join_field(name, key), code=exc.kind
+                ) from exc
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        """The model's health as one of its replicas reports it; "loading" until one answers."""
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                model = await self.model.health.remote()
+        except Exception as exc:  # noqa: BLE001 (no replica yet, one dying: all mean "not ready")
+            return {"status": "loading", "model": self.model_name, "reason": f"{type(exc).__name__}: {exc}"}
+        return {**model, "model": self.model_name, "dimension": self.dimension}
 
 
 def truncate(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
@@ -240,11 +286,10 @@ def resolve_num_gpus(num_gpus: float | None) -> float:
 
 
 def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
-    """Serve deployment options from the config; a Serve config file's `deployments:` entry overrides them."""
+    """`EmbeddingModel`'s Serve options from the config; a Serve config file's `deployments:` entry wins."""
     options: dict[str, Any] = {
         "max_ongoing_requests": serve_config.max_ongoing_requests,
         "max_queued_requests": serve_config.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": serve_config.retry_after_s},
         "ray_actor_options": {
             "num_cpus": serve_config.num_cpus,
             "num_gpus": resolve_num_gpus(serve_config.num_gpus),
@@ -261,10 +306,26 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
     return options
 
 
-def app_for(config: Config, **overrides: Any):
-    """The bound Serve application for a `Config`; `overrides` are Serve deployment options."""
-    options = {**deployment_options(config.serve), **overrides}
-    return EmbeddingService.options(**options).bind(config.model_dump(mode="json"))
+def ingress_options(serve_config: ServeConfig) -> dict[str, Any]:
+    """`EmbeddingService`'s Serve options: enough requests in flight to keep every model replica's batches
+    full, and the proxy's queue bound, past which requests get 503 with Retry-After."""
+    return {
+        "num_replicas": serve_config.ingress_replicas,
+        "max_ongoing_requests": serve_config.max_ongoing_requests * serve_config.max_replicas,
+        "max_queued_requests": serve_config.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": serve_config.retry_after_s},
+        "ray_actor_options": {"num_cpus": serve_config.ingress_num_cpus, "num_gpus": 0},
+    }
+
+
+def app_for(config: Config, ingress: dict[str, Any] | None = None, **overrides: Any):
+    """The bound Serve application for a `Config`: `overrides` are `EmbeddingModel`'s Serve options,
+    `ingress` `EmbeddingService`'s."""
+    payload = config.model_dump(mode="json")
+    model = EmbeddingModel.options(**{**deployment_options(config.serve), **overrides}).bind(payload)
+    return EmbeddingService.options(**{**ingress_options(config.serve), **(ingress or {})}).bind(
+        payload, model
+    )
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -2,7 +2,8 @@
 
 The file is either the project's `Config` YAML (the same file that drives a backfill) or a Ray Serve config
 file such as serve/config.yaml, whose application `serve.app:build_app` carries the `Config` in its `args` and
-whose `deployments:` entry holds Serve options. Flags given on the command line win over both.
+whose `deployments:` entries hold Serve options (`EmbeddingModel`: replicas, GPUs, batching; `EmbeddingService`:
+the HTTP ingress). Flags given on the command line win over both; they set the model deployment's options.
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ import yaml
 from pipelines.config import Config
 
 BUILDER = "serve.app:build_app"
-DEPLOYMENT_NAME = "EmbeddingService"  # serve.app.DEPLOYMENT_NAME, without importing Ray here
+MODEL_DEPLOYMENT = "EmbeddingModel"  # serve.app's names, without importing Ray here
+INGRESS_DEPLOYMENT = "EmbeddingService"
 # ServeConfig fields whose flag replaces what a Serve config file's deployment entry says
 _FLAG_OPTIONS = {
     "num_gpus": ("ray_actor_options", "num_gpus"),
     "num_cpus": ("ray_actor_options", "num_cpus"),
     "max_ongoing_requests": ("max_ongoing_requests",),
     "max_queued_requests": ("max_queued_requests",),
+}
+# ... and those whose flag replaces what it says for the ingress
+_INGRESS_FLAG_OPTIONS = {
+    "max_queued_requests": ("max_queued_requests",),
     "retry_after_s": ("backpressure_config", "retry_after_s"),
+    "ingress_replicas": ("num_replicas",),
+    "ingress_num_cpus": ("ray_actor_options", "num_cpus"),
 }
 _REPLICA_FIELDS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 
@@ -37,11 +45,13 @@ class LaunchError(ValueError):
 
 @dataclass
 class Target:
-    """What to serve: the `Config`, Serve deployment options from a Serve config file, and HTTP options."""
+    """What to serve: the `Config`, Serve options of the two deployments from a Serve config file (`deployment`
+    for `EmbeddingModel`, `ingress` for `EmbeddingService`), and HTTP options."""
 
     config: Config
     deployment: dict[str, Any] = field(default_factory=dict)
     http_options: dict[str, Any] = field(default_factory=dict)
+    ingress: dict[str, Any] = field(default_factory=dict)
 
 
 def load_target(path: Path | None) -> Target:
@@ -69,10 +79,18 @@ def _from_serve_file(path: Path, data: dict[str, Any]) -> Target:
         raise LaunchError(f"{path}: expected one application with import_path {BUILDER}, found {len(ours)}")
     app = ours[0]
     config = config_from_args(app.get("args"))
-    entries = [d for d in app.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME]
-    deployment = {k: v for k, v in (entries[0] if entries else {}).items() if k != "name"}
+    entries = {d.get("name"): d for d in app.get("deployments") or []}
+    unknown = sorted(set(entries) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}, key=str)
+    if unknown:
+        raise LaunchError(
+            f"{path}: unknown deployments {unknown}; this app has {MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}"
+        )
+
+    def options(name: str) -> dict[str, Any]:
+        return {k: v for k, v in entries.get(name, {}).items() if k != "name"}
+
     http_options = dict(data.get("http_options") or {})
-    return Target(config, deployment, http_options)
+    return Target(config, options(MODEL_DEPLOYMENT), http_options, options(INGRESS_DEPLOYMENT))
 
 
 def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any]) -> Target:
@@ -99,7 +117,15 @@ def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any])
                 deployment.pop(key, None)
                 if key in derived:
                     deployment[key] = derived[key]
-    return Target(config, deployment, target.http_options)
+    ingress = {k: (dict(v) if isinstance(v, dict) else v) for k, v in target.ingress.items()}
+    given_ingress = [name for name in serve if name in _INGRESS_FLAG_OPTIONS]
+    if given_ingress:
+        from serve.app import ingress_options
+
+        derived = ingress_options(config.serve)
+        for name in given_ingress:
+            _set(ingress, _INGRESS_FLAG_OPTIONS[name], _get(derived, _INGRESS_FLAG_OPTIONS[name]))
+    return Target(config, deployment, target.http_options, ingress)
 
 
 def _http_defaults(http_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +165,7 @@ def serve_forever(target: Target, address: str | None) -> int:
         http_options={"host": config.serve.host, "port": config.serve.port, "request_timeout_s": timeout}
     )
     try:
-        serve.run(app_for(config, **target.deployment), name=APP_NAME, route_prefix="/")
+        serve.run(app_for(config, target.ingress, **target.deployment), name=APP_NAME, route_prefix="/")
         url = f"http://{config.serve.host}:{config.serve.port}"
         print_fn(
             f"serving {config.serve.served_model_name or config.embedder.model} at {url}: POST /v1/embeddings, "

@@ -79,7 +79,7 @@ def build_api(service) -> FastAPI:
             )
         items = parse_inputs(req.input, service.limits)
         vectors, tokens = await service.embed(items, input_fields(req.input))
-        vectors = truncate(vectors, req.dimensions, service.embedder.config.normalize)
+        vectors = truncate(vectors, req.dimensions, service.normalize)
         return JSONResponse(embedding_response(vectors, req.encoding_format, service.model_name, tokens))
 
     @api.post("/search")
@@ -104,7 +104,7 @@ def build_api(service) -> FastAPI:
         item = parse_item(query, service.limits, "")
         plan = await asyncio.to_thread(service.search_table.plan)
         vectors, tokens = await service.embed([item], [""])
-        vector = truncate(vectors, plan.dimension, service.embedder.config.normalize)[0]
+        vector = truncate(vectors, plan.dimension, service.normalize)[0]
         rows = await asyncio.to_thread(service.search_table.search, plan, vector, req.top_k, req.filter)
         return JSONResponse(
             {
@@ -119,7 +119,7 @@ def build_api(service) -> FastAPI:
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
         """200 once the model is loaded and warmed up (no API key needed), else 503."""
-        health = service.health()
+        health = await service.health()
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
 
     @api.get("/v1/models")

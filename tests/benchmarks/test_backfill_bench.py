@@ -28,7 +28,19 @@ def test_the_steady_rate_leaves_out_the_first_batch_and_its_start_up():
 def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path, ray_session, capsys):
     out = tmp_path / "result.json"
     code = main(
-        ["--texts", "6", "--images", "1", "--packed", "--batch-rows", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+        [
+            "--texts",
+            "6",
+            "--images",
+            "1",
+            "--packed",
+            "--batch-rows",
+            "2",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+        ]
     )
     assert code == 0
     result = json.loads(out.read_text())

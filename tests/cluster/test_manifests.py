@@ -230,7 +230,7 @@ CLUSTER_CHANGES = {
     (*APP_CONFIG, "embedder", "dimensions"): "the RayJob's dimensions",
     (*APP_CONFIG, "table", "uri"): "the table the RayJob writes, in object storage",
     (*APP_CONFIG, "table", "storage_options"): "the RayJob's object-store options",
-    ("applications", 0, "deployments", 0, "ray_actor_options", "num_gpus"): "one GPU per replica",
+    ("applications", 0, "deployments", 0, "ray_actor_options", "num_gpus"): "one GPU per model replica",
 }
 
 
@@ -301,5 +301,6 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config_for_the_cluster(
     serve_ports = [p["containerPort"] for p in head["ports"] if p["name"] == "serve"]
     assert serve_ports == [config.http_options.port]
     for app in config.applications:
-        for deployment in app.deployments:
-            assert deployment.ray_actor_options.num_gpus >= 1, deployment.name
+        gpus = {d.name: d.ray_actor_options.num_gpus for d in app.deployments}
+        # the model replicas hold a GPU each; the HTTP ingress needs none
+        assert gpus["EmbeddingModel"] >= 1 and gpus["EmbeddingService"] == 0, gpus

@@ -25,7 +25,9 @@ def _one_by_one(q, k, v, causal):
         ks, vs = ks.repeat_interleave(repeat, 0), vs.repeat_interleave(repeat, 0)
         scores = (qs @ ks.transpose(1, 2)) / qs.shape[-1] ** 0.5
         if causal:
-            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(
+                torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1), float("-inf")
+            )
         out.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
     return torch.cat(out)

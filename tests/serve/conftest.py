@@ -76,13 +76,25 @@ def app_config(tiny_model_dir, table_uri: str, **serve_options) -> Config:
     return Config(
         embedder=EmbedderConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"),
         table=TableConfig(uri=table_uri),
-        serve=ServeConfig(**{**LIMITS, "num_cpus": 0.25, "api_key_env": API_KEY_ENV, **serve_options}),
+        serve=ServeConfig(
+            **{
+                **LIMITS,
+                "num_cpus": 0.25,
+                "ingress_num_cpus": 0.25,
+                "api_key_env": API_KEY_ENV,
+                **serve_options,
+            }
+        ),
     )
 
 
 def with_api_key() -> dict:
     """Replica options that put the API key into the replicas' environment."""
-    return {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {API_KEY_ENV: API_KEY}}}}
+    return {
+        "ingress": {
+            "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {API_KEY_ENV: API_KEY}}}
+        }
+    }
 
 
 @pytest.fixture(scope="package")

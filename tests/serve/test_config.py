@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 from pipelines.config import Config, ServeConfig
-from serve.app import DEPLOYMENT_NAME, build_app, config_from_args, deployment_options
+from serve.app import (
+    INGRESS_DEPLOYMENT,
+    MODEL_DEPLOYMENT,
+    build_app,
+    config_from_args,
+    deployment_options,
+    ingress_options,
+)
 from serve.launch import BUILDER, LaunchError, apply_flags, load_target
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
@@ -23,11 +30,15 @@ def test_the_shipped_file_is_a_valid_serve_config_for_our_app():
     assert app.import_path == BUILDER and app.route_prefix == "/"
     config = config_from_args(app.args)
     assert isinstance(config, Config) and config.serve.api_key_env == "VLM_EMBED_API_KEY"
-    (deployment,) = app.deployments
-    assert deployment.name == DEPLOYMENT_NAME
-    assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
-    assert deployment.ray_actor_options.num_gpus == 0 and deployment.max_ongoing_requests >= 1
-    assert deployment.backpressure_config.retry_after_s >= 1
+    model, ingress = app.deployments
+    assert (model.name, ingress.name) == (MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT)
+    assert model.autoscaling_config["min_replicas"] <= model.autoscaling_config["max_replicas"]
+    assert model.ray_actor_options.num_gpus == 0 and model.max_ongoing_requests >= 1
+    # the ingress can hold what every model replica batches at once, and refuses past its queue with a 503
+    assert (
+        ingress.max_ongoing_requests >= model.max_ongoing_requests * model.autoscaling_config["max_replicas"]
+    )
+    assert ingress.ray_actor_options.num_gpus == 0 and ingress.backpressure_config.retry_after_s >= 1
 
 
 def test_serve_calls_the_app_builder_with_the_shipped_args_and_gets_an_application():
@@ -53,10 +64,16 @@ def test_the_app_args_are_one_config_inline_or_a_path(tmp_path):
 
 
 def test_deployment_options_follow_the_serve_section():
-    fixed = deployment_options(ServeConfig(min_replicas=2, max_replicas=2, num_gpus=1, retry_after_s=4))
+    serve_config = ServeConfig(
+        min_replicas=2, max_replicas=2, num_gpus=1, retry_after_s=4, ingress_replicas=3
+    )
+    fixed = deployment_options(serve_config)
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"]["num_gpus"] == 1
-    assert fixed["backpressure_config"] == {"status_code": 503, "retry_after_s": 4}
+    ingress = ingress_options(serve_config)
+    assert ingress["num_replicas"] == 3 and ingress["ray_actor_options"]["num_gpus"] == 0
+    assert ingress["max_ongoing_requests"] == 2 * serve_config.max_ongoing_requests
+    assert ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 4}
     scaled = deployment_options(ServeConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=8))
     assert scaled["autoscaling_config"] == {
         "min_replicas": 1,
@@ -86,8 +103,13 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
     assert overridden.config.embedder.model == "/models/x" and overridden.config.serve.port == 8123
     assert overridden.deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
     assert overridden.deployment["autoscaling_config"]["max_replicas"] == 5
+    assert overridden.ingress == served.ingress and served.ingress["num_replicas"] == 1
+    more_ingress = apply_flags(served, {}, {"ingress_replicas": 4, "retry_after_s": 7})
+    assert more_ingress.ingress["num_replicas"] == 4
+    assert more_ingress.ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
     untouched = apply_flags(served, {}, {})
     assert untouched.deployment == served.deployment and untouched.config.serve.port == 8000
+    assert untouched.ingress == served.ingress
 
 
 @pytest.mark.parametrize(
@@ -95,6 +117,11 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
     [
         ("- a\n- b\n", "mapping"),
         ("applications:\n  - name: other\n    import_path: x:y\n", "serve.app:build_app"),
+        (
+            "applications:\n  - name: a\n    import_path: serve.app:build_app\n    deployments:\n"
+            "      - name: Typo\n",
+            "unknown deployments",
+        ),
         ("embedder: {model: [\n", "not valid YAML"),
     ],
 )

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from benchmarks.load_test import HEADER, drive, format_row, make_bodies
-from serve.app import DEPLOYMENT_NAME
+from serve.app import MODEL_DEPLOYMENT
 from tests.serve.conftest import app_config
 
 pytestmark = pytest.mark.slow
@@ -20,9 +20,9 @@ def running_replicas(app: str) -> int:
     from ray import serve
 
     application = serve.status().applications.get(app)
-    if application is None or DEPLOYMENT_NAME not in application.deployments:
+    if application is None or MODEL_DEPLOYMENT not in application.deployments:
         return 0
-    return application.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
+    return application.deployments[MODEL_DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
 def replica_actor_names(app: str) -> set[str]:
@@ -31,7 +31,7 @@ def replica_actor_names(app: str) -> set[str]:
     return {
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(f"SERVE_REPLICA::{app}#{DEPLOYMENT_NAME}#")
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#{MODEL_DEPLOYMENT}#")
     }
 
 
