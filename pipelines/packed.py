@@ -291,17 +291,23 @@ class PackedForward:
         if image_side:
             self.forward([synthetic.image_item(rng, config, image_side) for _ in range(2)])
         if step_tokens and self.device.type == "cuda":
-            per_text = 256
-            self.forward([synthetic.text_item(rng, per_text, config) for _ in range(step_tokens // per_text)])
-            if image_side:
-                one = synthetic.image_item(rng, config, image_side)
-                count = max(1, step_tokens // one.num_tokens)
-                self.forward(
-                    [one] + [synthetic.image_item(rng, config, image_side) for _ in range(count - 1)]
-                )
+            for step in full_steps(config, step_tokens, image_side):
+                self.forward(step)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def full_steps(config, step_tokens: int, image_side: int | None = None) -> list[list]:
+    """A step of texts and (with `image_side`) one of images, each filling `step_tokens`: the same synthetic
+    item repeated, since only the sizes matter for warming up."""
+    from pipelines import synthetic
+
+    rng = np.random.default_rng(1)
+    items = [synthetic.text_item(rng, 256, config)]
+    if image_side:
+        items.append(synthetic.image_item(rng, config, image_side))
+    return [[item] * max(1, step_tokens // item.num_tokens) for item in items]
 
 
 class _VisionPreamble:

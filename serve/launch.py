@@ -31,6 +31,8 @@ _FLAG_OPTIONS = {
 }
 # ... and those whose flag replaces what it says for the ingress
 _INGRESS_FLAG_OPTIONS = {
+    "max_ongoing_requests": ("max_ongoing_requests",),  # the ingress holds what every model replica can take
+    "max_replicas": ("max_ongoing_requests",),
     "max_queued_requests": ("max_queued_requests",),
     "retry_after_s": ("backpressure_config", "retry_after_s"),
     "ingress_replicas": ("num_replicas",),
@@ -104,28 +106,37 @@ def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any])
             ),
         }
     )
-    deployment = {k: (dict(v) if isinstance(v, dict) else v) for k, v in target.deployment.items()}
-    given_options = {name: value for name, value in serve.items() if name in _FLAG_OPTIONS}
+    deployment = _copy(target.deployment)
+    given_options = [name for name in serve if name in _FLAG_OPTIONS]
     if given_options or any(name in serve for name in _REPLICA_FIELDS):
         from serve.app import deployment_options
 
         derived = deployment_options(config.serve)
-        for name in given_options:
-            _set(deployment, _FLAG_OPTIONS[name], _get(derived, _FLAG_OPTIONS[name]))
+        _override(deployment, [_FLAG_OPTIONS[name] for name in given_options], derived)
         if any(name in serve for name in _REPLICA_FIELDS):
             for key in ("num_replicas", "autoscaling_config"):
                 deployment.pop(key, None)
                 if key in derived:
                     deployment[key] = derived[key]
-    ingress = {k: (dict(v) if isinstance(v, dict) else v) for k, v in target.ingress.items()}
+    ingress = _copy(target.ingress)
     given_ingress = [name for name in serve if name in _INGRESS_FLAG_OPTIONS]
     if given_ingress:
         from serve.app import ingress_options
 
-        derived = ingress_options(config.serve)
-        for name in given_ingress:
-            _set(ingress, _INGRESS_FLAG_OPTIONS[name], _get(derived, _INGRESS_FLAG_OPTIONS[name]))
+        _override(
+            ingress, [_INGRESS_FLAG_OPTIONS[name] for name in given_ingress], ingress_options(config.serve)
+        )
     return Target(config, deployment, target.http_options, ingress)
+
+
+def _copy(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in options.items()}
+
+
+def _override(options: dict[str, Any], paths: list[tuple[str, ...]], derived: dict[str, Any]) -> None:
+    """Set each of `paths` in `options` to its value in `derived` (what the flags' config gives)."""
+    for path in paths:
+        _set(options, path, _get(derived, path))
 
 
 def _http_defaults(http_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.batching import plan_batches
 from pipelines.embedder import Embedder
-from pipelines.packed import pack, pool_packed
+from pipelines.packed import full_steps, pack, pool_packed
 from pipelines.pooling import pool
 from pipelines.varlen import Segments
 from tests.conftest import make_image
@@ -178,6 +178,21 @@ def test_warm_up_runs_text_and_image_steps(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed")
     assert packed.warm_up(image_side=64) > 0
     assert embedder.warm_up() > 0
+
+
+def test_the_full_warm_up_steps_fill_the_token_budget_and_run(embedder):
+    """What `warm_up` adds on a GPU (one full step of texts, one of images), run here on the CPU."""
+    config = embedder.model.config
+    texts, images = full_steps(config, 2048, image_side=64)
+    for step in (texts, images):
+        tokens = sum(item.num_tokens for item in step)
+        assert 2048 - step[0].num_tokens < tokens <= 2048
+    assert images[0].pixel_values is not None and texts[0].pixel_values is None
+    packed = _embedder(embedder.model, embedder, attention_layout="packed")
+    for step in (texts, images):
+        vectors = packed.forward(step).cpu().numpy()
+        np.testing.assert_allclose(vectors, np.repeat(vectors[:1], len(step), axis=0), atol=1e-5)
+    assert len(full_steps(config, 2048)) == 1  # no image side: texts only
 
 
 @pytest.mark.slow

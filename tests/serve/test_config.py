@@ -103,7 +103,9 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
     assert overridden.config.embedder.model == "/models/x" and overridden.config.serve.port == 8123
     assert overridden.deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
     assert overridden.deployment["autoscaling_config"]["max_replicas"] == 5
-    assert overridden.ingress == served.ingress and served.ingress["num_replicas"] == 1
+    assert served.ingress["num_replicas"] == 1 and served.ingress["max_ongoing_requests"] == 128
+    # five model replicas of 64 requests each: the ingress takes 320 at once
+    assert overridden.ingress == {**served.ingress, "max_ongoing_requests": 5 * 64}
     more_ingress = apply_flags(served, {}, {"ingress_replicas": 4, "retry_after_s": 7})
     assert more_ingress.ingress["num_replicas"] == 4
     assert more_ingress.ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
