@@ -191,23 +191,12 @@ class Bench:
     def _ours(self, context, variant, model, tokenizer, image_processor, items, reference, load_s) -> None:
         import torch
 
-        from pipelines.embedder import Embedder
-
         row = dict(context, recipe=variant)
         embedder = None
         try:
             graphs_before = _compiled_graphs()
-            began = time.perf_counter()
-            embedder = Embedder(
-                model,
-                tokenizer,
-                image_processor=image_processor,
-                config=self._config(context["model"], variant),
-            )
-            row["build_s"] = time.perf_counter() - began
+            embedder = self._build_and_warm(row, context, variant, model, tokenizer, image_processor, load_s)
             row["backend"] = _backend(embedder)
-            row["warm_up_s"] = embedder.warm_up(image_side=context.get("image_side"))
-            row["cold_start_s"] = load_s + row["build_s"] + row["warm_up_s"]
             row["graphs_compiled"] = _compiled_graphs() - graphs_before
             graphs_before = _compiled_graphs()
             seconds, vectors, peak = self._timed(lambda: embedder.embed_prepared(items))
@@ -228,25 +217,27 @@ class Bench:
         forget every compiled graph in this process, then build and warm up again."""
         import torch
 
-        from pipelines.embedder import Embedder
-
         row = dict(context, recipe=f"{variant} (cached)")
         try:
             torch._dynamo.reset()
-            began = time.perf_counter()
-            embedder = Embedder(
-                model,
-                tokenizer,
-                image_processor=image_processor,
-                config=self._config(context["model"], variant),
-            )
-            row["build_s"] = time.perf_counter() - began
-            row["warm_up_s"] = embedder.warm_up(image_side=context.get("image_side"))
-            row["cold_start_s"] = load_s + row["build_s"] + row["warm_up_s"]
+            self._build_and_warm(row, context, variant, model, tokenizer, image_processor, load_s)
             row["status"] = "cold start only"
         except Exception as exc:
             row["status"] = _error(exc)
         self._record(row)
+
+    def _build_and_warm(self, row, context, variant, model, tokenizer, image_processor, load_s):
+        """Build the variant's embedder and warm it up; records build, warm-up and cold-start seconds in `row`."""
+        from pipelines.embedder import Embedder
+
+        began = time.perf_counter()
+        embedder = Embedder(
+            model, tokenizer, image_processor=image_processor, config=self._config(context["model"], variant)
+        )
+        row["build_s"] = time.perf_counter() - began
+        row["warm_up_s"] = embedder.warm_up(image_side=context.get("image_side"))
+        row["cold_start_s"] = load_s + row["build_s"] + row["warm_up_s"]
+        return embedder
 
     def _config(self, shape: str, variant: str):
         from pipelines.config import EmbedderConfig

@@ -50,3 +50,10 @@ def reference_embedding(
     if normalize:
         vector = vector / torch.sqrt((vector * vector).sum())
     return vector.cpu().numpy()
+
+
+def embed_item(text: str, image):
+    """The `Embedder` item for a (text, image) case: a string, an image dict, or a text+image dict."""
+    if image is None:
+        return text
+    return {"image": image} if not text else {"text": text, "image": image}

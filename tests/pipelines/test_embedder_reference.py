@@ -6,7 +6,7 @@ import torch
 
 from pipelines.embedder import Embedder
 from tests.conftest import make_image
-from tests.pipelines.reference import VISION, reference_embedding, reference_inputs
+from tests.pipelines.reference import VISION, embed_item, reference_embedding, reference_inputs
 
 TEXT = "The quick red car follows two white clouds near the sea."
 
@@ -31,12 +31,6 @@ CASES = {
 }
 
 
-def _item(text, image):
-    if image is None:
-        return text
-    return {"image": image} if not text else {"text": text, "image": image}
-
-
 @pytest.mark.parametrize("modality", sorted(CASES))
 @pytest.mark.parametrize("layer", [-1, 2])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
@@ -51,7 +45,7 @@ def test_instruct_mean_matches_the_plain_forward(
     expected = reference_embedding(
         generation_model, reference_inputs(*processor_parts, prompt, image), layer, pooling
     )
-    got = embedder.embed_batch([_item(text, image)])[0]
+    got = embedder.embed_batch([embed_item(text, image)])[0]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
@@ -71,7 +65,9 @@ def test_qwen3_vl_embedding_recipe_matches_the_plain_forward(generation_model, p
     expected = reference_embedding(
         generation_model, reference_inputs(*processor_parts, prompt, image), -1, "last"
     )
-    np.testing.assert_allclose(embedder.embed_batch([_item(text, image)])[0], expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        embedder.embed_batch([embed_item(text, image)])[0], expected, atol=1e-5, rtol=0
+    )
 
 
 def test_every_layer_index_including_embeddings_matches_the_plain_forward(generation_model, processor_parts):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import make_image
-from tests.pipelines.reference import VISION, reference_embedding, reference_inputs
+from tests.pipelines.reference import VISION, embed_item, reference_embedding, reference_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -28,10 +28,7 @@ def test_2b_shape_in_bf16_matches_the_float32_reference(cuda):
         copy.deepcopy(reference_model.model).to(torch.bfloat16), tokenizer, image_processor=image_processor
     )
     assert fast.dtype == torch.bfloat16
-    items = [
-        text if image is None else ({"image": image} if not text else {"text": text, "image": image})
-        for text, image in ITEMS
-    ]
+    items = [embed_item(text, image) for text, image in ITEMS]
     got = fast.embed_batch(items)
     for (text, image), vector in zip(ITEMS, got, strict=True):
         prompt = (VISION if image is not None else "") + text

@@ -12,7 +12,7 @@ from pipelines.packed import full_steps, pack, pool_packed
 from pipelines.pooling import pool
 from pipelines.varlen import Segments
 from tests.conftest import make_image
-from tests.pipelines.reference import VISION, reference_embedding, reference_inputs
+from tests.pipelines.reference import VISION, embed_item, reference_embedding, reference_inputs
 
 TEXT = "The quick red car follows two white clouds near the sea."
 CASES = {
@@ -41,12 +41,6 @@ def _embedder(model, parts, **options):
     return Embedder(model, parts.tokenizer, image_processor=parts.image_processor, **options)
 
 
-def _item(text, image):
-    if image is None:
-        return text
-    return {"image": image} if not text else {"text": text, "image": image}
-
-
 @pytest.mark.parametrize("modality", sorted(CASES))
 @pytest.mark.parametrize("layer", [-1, 2])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
@@ -56,7 +50,7 @@ def test_packed_layout_matches_the_plain_forward(generation_model, embedder, mod
     prompt = (VISION if image is not None else "") + text
     inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, prompt, image)
     expected = reference_embedding(generation_model, inputs, layer, pooling)
-    np.testing.assert_allclose(packed.embed_batch([_item(text, image)])[0], expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed.embed_batch([embed_item(text, image)])[0], expected, atol=1e-5, rtol=0)
 
 
 def test_every_layer_index_in_the_packed_layout_matches_the_plain_forward(generation_model, embedder):
