@@ -168,7 +168,8 @@ class Embedder:
         )
         if self._packed is not None:
             # vectors stay on the device until the end: one copy to the host, not one per step
-            vectors = [self._finish_on_device(self.forward([prepared[i] for i in step])) for step in plan]
+            steps = [[prepared[i] for i in step] for step in plan]
+            vectors = [self._finish_on_device(pooled) for pooled in self._packed.forward_steps(steps)]
             if vectors:
                 out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
             return out

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -48,31 +50,41 @@ class PackedBatch:
         """Copy to `device`; from pinned memory without waiting, when it is a GPU."""
         device = torch.device(device)
 
-        def move(t: torch.Tensor, to_dtype=None) -> torch.Tensor:
-            if device.type == "cuda" and not t.is_cuda:
-                t = t.pin_memory()
-            return t.to(device, dtype=to_dtype, non_blocking=True)
-
         pixels = self.pixel_values
         return PackedBatch(
-            input_ids=move(self.input_ids),
-            position_ids=move(self.position_ids),
+            input_ids=_host_to(self.input_ids, device),
+            position_ids=_host_to(self.position_ids, device),
             lengths=self.lengths,
-            pixel_values=move(pixels, dtype or pixels.dtype) if pixels is not None else None,
+            pixel_values=_host_to(pixels, device, dtype or pixels.dtype) if pixels is not None else None,
             image_grid_thw=self.image_grid_thw,
-            image_positions=move(self.image_positions) if self.image_positions is not None else None,
+            image_positions=_host_to(self.image_positions, device)
+            if self.image_positions is not None
+            else None,
         )
 
 
-def pack(items: Sequence[PreparedItem], image_token_id: int) -> PackedBatch:
-    """Lay prepared items end to end (on the CPU; where the image tokens are is found here, not on the GPU)."""
+def _host_to(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """Copy a host tensor to `device`; through pinned memory without waiting, when it is a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and not t.is_cuda and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, dtype=dtype, non_blocking=True)
+
+
+def pack(items: Sequence[PreparedItem], image_token_id: int, pin: bool = False) -> PackedBatch:
+    """Lay prepared items end to end (on the CPU; where the image tokens are is found here, not on the GPU).
+
+    `pin`: gather the pixels (the step's bulk: ~1.2 MB a 448x448 image) straight into pinned memory, one copy
+    from which the GPU copies without the host waiting."""
     if not items:
         raise ValueError("cannot pack an empty batch")
     input_ids = np.concatenate([item.input_ids for item in items])
     images = [item for item in items if item.pixel_values is not None]
     pixel_values = grid = positions = None
     if images:
-        pixel_values = torch.from_numpy(np.concatenate([item.pixel_values for item in images]))
+        parts = [torch.from_numpy(item.pixel_values) for item in images]
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        pixel_values = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
         grid = torch.from_numpy(np.stack([item.image_grid_thw for item in images]))
         positions = torch.from_numpy(np.flatnonzero(input_ids == image_token_id))
     return PackedBatch(
@@ -154,6 +166,9 @@ def _compiled_halves() -> dict:
 # small whatever the step's token budget (the MLP's intermediate states are the largest tensors by far).
 TOKENS_PER_CALL = 16384
 PATCHES_PER_CALL = 32768
+# image sizes whose position embeddings and rotary angles stay on the device (`_ImagePositions`): ~2.5 KiB a
+# patch in bf16, so at most ~160 MiB
+POSITION_CACHE_PATCHES = 65536
 
 
 def _in_chunks(fn, module, hidden: torch.Tensor, attended: torch.Tensor, size: int) -> torch.Tensor:
@@ -202,8 +217,29 @@ class PackedForward:
         self.patches_per_call = PATCHES_PER_CALL
 
     def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
-        batch = pack(items, self.model.config.image_token_id).to(self.device, self.dtype)
-        return self.forward_packed(batch)
+        return self.forward_packed(self._pack(items).to(self.device, self.dtype))
+
+    def forward_steps(self, steps: Sequence[Sequence[PreparedItem]]) -> Iterator[torch.Tensor]:
+        """`forward` of each step in turn, with the next step packed on a helper thread meanwhile.
+
+        On a GPU the host's share of a step is packing (gathering ~100 MB of pixels for a step of images) and
+        launching kernels; launching runs ahead of the GPU only as far as its queue allows, so packing the
+        next step only after the last launch leaves the GPU idle for it. The copying releases the
+        interpreter lock, so the helper thread's packing overlaps the launches. One step: no thread."""
+        if len(steps) == 1:
+            yield self.forward(steps[0])
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack") as pool:
+            packing = pool.submit(self._pack, steps[0]) if steps else None
+            for step in steps[1:]:
+                batch = packing.result()
+                packing = pool.submit(self._pack, step)
+                yield self.forward_packed(batch.to(self.device, self.dtype))
+            if packing is not None:
+                yield self.forward_packed(packing.result().to(self.device, self.dtype))
+
+    def _pack(self, items: Sequence[PreparedItem]) -> PackedBatch:
+        return pack(items, self.model.config.image_token_id, pin=self.device.type == "cuda")
 
     @torch.inference_mode()
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
@@ -318,6 +354,7 @@ class _VisionPreamble:
         self.visual = visual
         self.helpers = helpers
         self.rotary = rotary
+        self.positions = _ImagePositions(visual, helpers)
 
     @classmethod
     def for_model(cls, model) -> _VisionPreamble | None:
@@ -334,28 +371,14 @@ class _VisionPreamble:
         return cls(visual, helpers, rotary)
 
     def run(self, owner: PackedForward, pixel_values: torch.Tensor, grid: torch.Tensor):
-        visual, helpers = self.visual, self.helpers
+        visual = self.visual
         device = pixel_values.device
-        grid = grid.cpu()  # index arithmetic on the host: no device syncs
-        indices, weights = helpers.get_vision_interpolation_indices_and_weights(
-            grid,
-            num_grid_per_side=visual.num_grid_per_side,
-            mode=visual.interpolation_mode,
-            align_corners=visual.interpolation_align_corners,
-            spatial_merge_size=visual.config.spatial_merge_size,
-        )
-        positions = helpers.get_vision_position_ids(grid, visual.spatial_merge_size)
+        sizes = [tuple(row) for row in grid.tolist()]  # (t, h, w) per image, on the host: no device syncs
         # attention runs within each frame of each image, as in the model (`get_vision_cu_seqlens`)
-        segments = Segments.from_lengths(
-            [int(h * w) for t, h, w in grid.tolist() for _ in range(int(t))], device
-        )
+        segments = Segments.from_lengths([h * w for t, h, w in sizes for _ in range(t)], device)
         hidden = visual.patch_embed(pixel_values)
-        position_embeds = (
-            visual.pos_embed(indices.to(device, non_blocking=True))
-            * weights.to(device, non_blocking=True)[:, :, None]
-        ).sum(1)
-        hidden = hidden + position_embeds.to(hidden.dtype)
-        cos, sin = visual.rotary_pos_emb(hidden, positions.to(device, non_blocking=True))
+        position_embeds, cos, sin = self.positions.lookup(sizes, hidden.dtype, device)
+        hidden = hidden + position_embeds
         qkv, out = owner._halves["vision_qkv"], owner._halves["vision_out"]
         deepstack = []
         for index, block in enumerate(visual.blocks):
@@ -368,3 +391,64 @@ class _VisionPreamble:
                 merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)]
                 deepstack.append(merger(hidden))
         return visual.merger(hidden), deepstack
+
+
+class _ImagePositions:
+    """Per image size `(t, h, w)`: its interpolated position embeddings and the rotary cos/sin of its patches.
+
+    They depend only on the size (and the frozen weights), yet computing them takes index arithmetic on the
+    host (about 17 ms for 41 images of 448x448 on a slow core) and a dozen small kernels per group of images.
+    So each size is computed once, kept on the device, and a group is the concatenation of its images' entries.
+    Bounded: at most `max_patches` patches are kept, the least recently used size goes first."""
+
+    def __init__(self, visual, helpers, max_patches: int = POSITION_CACHE_PATCHES):
+        self.visual = visual
+        self.helpers = helpers
+        self.max_patches = max_patches
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def patches(self) -> int:
+        return sum(entry[0].shape[0] for entry in self._entries.values())
+
+    def lookup(self, sizes: list[tuple], dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+        """`(position_embeds [P, D] in dtype, cos [P, d], sin [P, d])` for images of these sizes, in order."""
+        wanted = {}
+        for size in sizes:
+            if size not in wanted:
+                wanted[size] = self._entries.get(size)
+        missing = [size for size, entry in wanted.items() if entry is None or entry[0].dtype != dtype]
+        if missing:
+            wanted.update(zip(missing, self._compute(missing, dtype, device), strict=True))
+        for size, entry in wanted.items():
+            self._entries[size] = entry
+            self._entries.move_to_end(size)
+        self._evict()
+        parts = [wanted[size] for size in sizes]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+    def _compute(self, sizes: list[tuple], dtype: torch.dtype, device) -> list[tuple[torch.Tensor, ...]]:
+        visual, helpers = self.visual, self.helpers
+        grid = torch.tensor(sizes, dtype=torch.long)
+        indices, weights = helpers.get_vision_interpolation_indices_and_weights(
+            grid,
+            num_grid_per_side=visual.num_grid_per_side,
+            mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners,
+            spatial_merge_size=visual.config.spatial_merge_size,
+        )
+        positions = helpers.get_vision_position_ids(grid, visual.spatial_merge_size)
+        embeds = (visual.pos_embed(_host_to(indices, device)) * _host_to(weights, device)[:, :, None]).sum(1)
+        embeds = embeds.to(dtype)
+        cos, sin = visual.rotary_pos_emb(embeds, _host_to(positions, device))
+        counts = [t * h * w for t, h, w in sizes]
+        columns = [[part.clone() for part in tensor.split(counts)] for tensor in (embeds, cos, sin)]
+        return list(zip(*columns, strict=True))  # clones: an evicted size frees its own memory
+
+    def _evict(self) -> None:
+        total = self.patches
+        while total > self.max_patches and len(self._entries) > 1:
+            _, entry = self._entries.popitem(last=False)
+            total -= entry[0].shape[0]

@@ -116,6 +116,43 @@ def test_images_are_grouped_by_patches_in_order():
     assert _image_groups(grid, 1) == [slice(i, i + 1) for i in range(5)]
 
 
+SAME_SIZES = [
+    {"image": make_image(20, (64, 64))},
+    {"text": "the same size again", "image": make_image(21, (64, 64))},
+    {"image": make_image(22, (96, 48))},
+    {"image": make_image(23, (64, 64))},
+]
+
+
+def test_image_positions_are_computed_once_per_size_and_reused_with_the_same_vectors(
+    generation_model, embedder
+):
+    packed = _embedder(generation_model, embedder, attention_layout="packed", layer=-1, pooling="mean")
+    first = packed.embed_batch(SAME_SIZES)
+    positions = packed._packed._vision.positions
+    assert len(positions._entries) == 2  # two sizes among four images
+    np.testing.assert_allclose(packed.embed_batch(SAME_SIZES), first, atol=1e-6, rtol=0)  # from the cache
+    for item, vector in zip(SAME_SIZES, first, strict=True):
+        prompt = VISION + item.get("text", "")
+        inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, prompt, item["image"])
+        np.testing.assert_allclose(
+            vector, reference_embedding(generation_model, inputs, -1, "mean"), atol=1e-5
+        )
+
+
+def test_the_image_position_cache_keeps_within_its_patch_bound_and_still_gives_the_same_vectors(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed")
+    whole = packed.embed_batch(SAME_SIZES + MIXED)
+    positions = packed._packed._vision.positions
+    positions.max_patches = 20
+    bounded = packed.embed_batch(SAME_SIZES + MIXED)
+    assert len(positions._entries) == 1  # every size here is over 20 patches: only the latest is kept
+    np.testing.assert_allclose(bounded, whole, atol=1e-6, rtol=0)
+    positions.max_patches = 10**6
+    packed.embed_batch(SAME_SIZES + MIXED)
+    assert positions.patches == sum(entry[0].shape[0] for entry in positions._entries.values()) > 20
+
+
 def test_flex_attention_backend_gives_the_same_vectors_as_sdpa(embedder):
     sdpa = _embedder(embedder.model, embedder, attention_layout="packed", varlen_attention="sdpa")
     flex = _embedder(embedder.model, embedder, attention_layout="packed", varlen_attention="flex")
@@ -168,6 +205,25 @@ def test_packed_pooling_equals_padded_pooling_on_hand_made_states():
         torch.testing.assert_close(pool_packed(hidden, segments, mode), pool(padded, mask, mode), msg=mode)
 
 
+def test_steps_run_in_order_with_the_next_one_packed_meanwhile(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed")
+    prepared = [embedder.prepare(item) for item in MIXED + SAME_SIZES]
+    steps = [prepared[:3], prepared[3:4], prepared[4:]]
+    pooled = list(packed._packed.forward_steps(steps))
+    assert [p.shape[0] for p in pooled] == [3, 1, len(prepared) - 4]
+    for step, vectors in zip(steps, pooled, strict=True):
+        torch.testing.assert_close(vectors, packed._packed.forward(step), atol=1e-6, rtol=0)
+    assert list(packed._packed.forward_steps([])) == []
+    (alone,) = packed._packed.forward_steps(steps[:1])  # one step: run in place
+    torch.testing.assert_close(alone, pooled[0], atol=1e-6, rtol=0)
+
+
+def test_a_bad_step_raises_from_the_packing_thread(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed")
+    with pytest.raises(ValueError, match="empty batch"):
+        list(packed._packed.forward_steps([[embedder.prepare("fine")], []]))
+
+
 def test_warm_up_runs_text_and_image_steps(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed")
     assert packed.warm_up(image_side=64) > 0
@@ -218,3 +274,11 @@ def test_on_a_gpu_in_bf16_the_packed_layout_uses_flash_and_agrees_with_padded(cu
     cosines = np.sum(packed.embed_batch(MIXED) * padded.embed_batch(MIXED), axis=1)
     print(f"tiny bf16 packed (flash) vs padded: min cosine {cosines.min():.5f}")
     assert cosines.min() >= 0.99
+    # on a GPU a step's pixels are gathered into pinned memory (copied without the host waiting)
+    batch = packed._packed._pack([packed.prepare(item) for item in MIXED])
+    assert batch.pixel_values.is_pinned() and not batch.input_ids.is_pinned()
+    # and steps run with the next one packed meanwhile: the same vectors as one at a time
+    prepared = [packed.prepare(item) for item in MIXED + SAME_SIZES]
+    steps = [prepared[:3], prepared[3:]]
+    for step, vectors in zip(steps, packed._packed.forward_steps(steps), strict=True):
+        torch.testing.assert_close(vectors, packed._packed.forward(step), atol=1e-2, rtol=1e-2)
