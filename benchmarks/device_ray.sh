@@ -45,3 +45,15 @@ timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD_ARGS --json "
 echo "load test exit $? after $(elapsed) s"
 grep -E "^Traceback|Error" "$OUT/serve.log" | sort | uniq -c | head -5
 cat "$OUT/serve.out"
+cp -r /tmp/ray/session_latest/logs/serve "$OUT/serve-logs" 2>/dev/null  # per-replica access logs: where time goes
+
+if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B of a serve option)
+  echo "== [$(elapsed) s] Ray Serve again, $SHAPE: $LOAD2_ARGS =="
+  # shellcheck disable=SC2086
+  timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD2_ARGS --json "$OUT/serve2.json" \
+    >"$OUT/serve2.out" 2>"$OUT/serve2.log"
+  echo "load test exit $? after $(elapsed) s"
+  grep -E "^Traceback|Error" "$OUT/serve2.log" | sort | uniq -c | head -5
+  cat "$OUT/serve2.out"
+  cp -r /tmp/ray/session_latest/logs/serve "$OUT/serve2-logs" 2>/dev/null
+fi
