@@ -239,8 +239,10 @@ def run_levels(
     duration_s: float | None,
     warmup: int | None,
     headers: dict[str, str],
+    cpu: ServeCpu | None = None,
 ) -> list[dict[str, Any]]:
-    """One run per concurrency, each after `warmup` requests (default: 2 x concurrency); prints rows as it goes."""
+    """One run per concurrency, each after `warmup` requests (default: 2 x concurrency); prints rows as it goes.
+    With `cpu` (a local endpoint), also the CPU time each kind of Serve process spent per request."""
     print(HEADER, flush=True)
     rows = []
     for concurrency in concurrencies:
@@ -248,6 +250,7 @@ def run_levels(
         if count:
             asyncio.run(drive(url, bodies, concurrency=concurrency, requests=count, headers=headers))
         before = replica_stats(url, headers)
+        cpu_before = cpu.sample() if cpu else None
         result = asyncio.run(
             drive(
                 url,
@@ -259,6 +262,8 @@ def run_levels(
             )
         )
         summary = result.summary()
+        if cpu and result.requests:
+            summary["cpu_ms_per_request"] = cpu.per_request(cpu_before, cpu.sample(), result.requests)
         after = replica_stats(url, headers)
         if before and after and after.get("batches", 0) > before.get("batches", 0):
             batches = after["batches"] - before["batches"]
@@ -273,9 +278,66 @@ def run_levels(
                 f"each on average, on {summary['device']}",
                 flush=True,
             )
+        if "cpu_ms_per_request" in summary:
+            print(f"      cpu ms/request: {ServeCpu.describe(summary['cpu_ms_per_request'])}", flush=True)
         for message, count in result.messages.most_common(3):
             print(f"      {count} x {message}", flush=True)
     return rows
+
+
+class ServeCpu:
+    """CPU time (user + system) of this machine's Serve processes by role: the HTTP proxy, the ingress
+    replicas, the model replicas. Per request, it shows which single process a request rate would saturate
+    first (the proxy and each replica are one process each)."""
+
+    def __init__(self, app: str = "vlm-embed"):
+        from serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+
+        self.roles = {
+            "proxy": "ray::ProxyActor",
+            "ingress": f"ray::ServeReplica:{app}:{INGRESS_DEPLOYMENT}",
+            "model": f"ray::ServeReplica:{app}:{MODEL_DEPLOYMENT}",
+        }
+
+    @classmethod
+    def local(cls) -> ServeCpu | None:
+        try:
+            import psutil  # noqa: F401 (comes with Ray)
+        except ImportError:
+            return None
+        return cls()
+
+    def sample(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of every process of each role, by pid (processes come and go with replicas)."""
+        import psutil
+
+        seen: dict[str, dict[int, float]] = {role: {} for role in self.roles}
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            for role, title in self.roles.items():
+                if command.startswith(title):
+                    try:
+                        times = process.cpu_times()
+                    except psutil.Error:
+                        continue
+                    seen[role][process.info["pid"]] = times.user + times.system
+        return seen
+
+    @staticmethod
+    def per_request(before, after, requests: int) -> dict[str, dict[str, float]]:
+        """Milliseconds of CPU per request for each role between two samples, and how many processes."""
+        out = {}
+        for role, processes in after.items():
+            spent = sum(seconds - before.get(role, {}).get(pid, 0.0) for pid, seconds in processes.items())
+            out[role] = {"ms": 1000 * spent / requests, "processes": len(processes)}
+        return out
+
+    @staticmethod
+    def describe(per_role: dict[str, dict[str, float]]) -> str:
+        return ", ".join(
+            f"{role} {v['ms']:.1f} ({v['processes']} process{'es' if v['processes'] != 1 else ''})"
+            for role, v in per_role.items()
+        )
 
 
 def replica_stats(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
@@ -457,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             duration_s=args.duration,
             warmup=args.warmup,
             headers=headers,
+            cpu=ServeCpu.local() if args.serve else None,
         )
         speedup = rows[-1]["requests_per_s"] / max(rows[0]["requests_per_s"], 1e-9) if len(rows) > 1 else None
         if speedup is not None:

@@ -315,7 +315,8 @@ class PackedForward:
         On a GPU, with `step_tokens` (the step's token budget), also one full step of text and, with
         `image_side`, one of images: the first steps of new sizes load their kernels and pick their algorithms
         (on an H200, 2B images timed in their first pass ran at 122 items/s, at 324 after one pass;
-        benchmarks/NOTES.md), a cost a replica or actor should pay before it takes work."""
+        benchmarks/NOTES.md), and the first steps of a run pin host memory for their pixels: costs a replica
+        or actor should pay before it takes work."""
         from pipelines import synthetic
 
         start = time.perf_counter()
@@ -327,8 +328,11 @@ class PackedForward:
         if image_side:
             self.forward([synthetic.image_item(rng, config, image_side) for _ in range(2)])
         if step_tokens and self.device.type == "cuda":
-            for step in full_steps(config, step_tokens, image_side):
-                self.forward(step)
+            # the last kind twice, through `forward_steps`: two of its steps' pinned buffers are live at once
+            # in a run (one running, the next being packed); pinning ~0.5 GB takes a noticeable while, once
+            steps = full_steps(config, step_tokens, image_side)
+            for _ in self.forward_steps([*steps, steps[-1]]):
+                pass
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

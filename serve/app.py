@@ -29,6 +29,7 @@ from pipelines.config import Config, EmbedderConfig, ServeConfig
 from pipelines.items import ItemError
 from pipelines.metrics import ServeMetrics
 from serve.auth import api_key_from_env
+from serve.coalesce import Coalescer
 from serve.errors import ApiError, overloaded
 from serve.inputs import InputLimits, join_field
 from serve.search import SearchTable
@@ -37,6 +38,9 @@ APP_NAME = "vlm-embed"
 INGRESS_DEPLOYMENT = "EmbeddingService"  # HTTP: checks, preparing, responses (CPU replicas)
 MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 PREPARE_THREADS = 4
+# An ingress replica keeps at most this many calls to the model deployment in flight; the requests that arrive
+# meanwhile go together in its next call (`serve.coalesce`)
+MODEL_CALLS_PER_INGRESS = 2
 HEALTH_TIMEOUT_S = 5.0
 _IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
 
@@ -61,6 +65,7 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     largest: int = 0
+    calls: int = 0  # calls from the ingress replicas (each carries one or more requests' items)
 
     def record(self, size: int) -> None:
         self.batches += 1
@@ -68,7 +73,12 @@ class BatchStats:
         self.largest = max(self.largest, size)
 
     def as_dict(self) -> dict[str, int]:
-        return {"batches": self.batches, "batched_items": self.items, "largest_batch": self.largest}
+        return {
+            "batches": self.batches,
+            "batched_items": self.items,
+            "largest_batch": self.largest,
+            "model_calls": self.calls,
+        }
 
 
 class _TokenBudgetWarningFilter(logging.Filter):
@@ -112,7 +122,8 @@ class EmbeddingModel:
         self.ready = True
 
     async def embed(self, prepared: list[Any]) -> np.ndarray:
-        """Vectors `[n, D]` for one request's prepared items; they join the items of concurrent requests."""
+        """Vectors `[n, D]` for one call's prepared items; they join the items of concurrent calls."""
+        self.stats.calls += 1
         self._queue_changed(len(prepared))
         try:
             rows = await asyncio.gather(
@@ -193,6 +204,9 @@ class EmbeddingService:
         self.metrics = ServeMetrics()
         self.created = int(time.time())
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+        self._together = Coalescer(
+            self._call_model, slots=MODEL_CALLS_PER_INGRESS, max_items=serve_config.max_items_per_request
+        )
 
     def __serve_build_asgi_app__(self):
         from serve.routes import build_api
@@ -215,7 +229,7 @@ class EmbeddingService:
         try:
             async with asyncio.timeout(timeout):
                 prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields)
-                vectors = await self.model.embed.remote(prepared)
+                vectors = await self._together.submit(prepared)
         except TimeoutError:
             raise overloaded(
                 f"the request was not answered within {timeout:g} s: the server is overloaded, retry later",
@@ -228,6 +242,9 @@ class EmbeddingService:
                 "a model replica stopped while embedding this request: retry", retry_after
             ) from None
         return vectors, sum(p.num_tokens for p in prepared)
+
+    async def _call_model(self, prepared: list[Any]) -> np.ndarray:
+        return await self.model.embed.remote(prepared)
 
     def _prepare_all(self, items: list[Any], fields: list[str]) -> list[Any]:
         out = []

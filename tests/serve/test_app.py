@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.config import ServeConfig
 from tests.conftest import image_bytes
-from tests.serve.conftest import API_KEY, b64_image
+from tests.serve.conftest import API_KEY, app_config, b64_image
 
 TOLERANCE = 1e-5
 
@@ -155,3 +155,41 @@ def test_an_image_is_embedded_the_same_alone_or_batched_with_others(client):
         json={"input": ["long text " * 30, {"image": image}, {"text": "t", "image": b64_image(6)}]},
     )
     np.testing.assert_allclose(vectors_of(mixed.json())[1], alone[0], atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def slow_model_app(serve_http, tiny_model_dir, table_uri):
+    """The model replica waits 0.3 s for every batch to fill: calls to it stay out long enough to pile up."""
+    from ray import serve
+
+    config = app_config(
+        tiny_model_dir, table_uri, batch_wait_timeout_s=0.3, api_key_env="VLM_EMBED_UNSET_KEY_VARIABLE"
+    )
+    yield serve_http.deploy("slow-model", config, "/slow-model")
+    serve.delete("slow-model")
+
+
+def test_requests_arriving_while_model_calls_are_out_go_to_the_model_together_each_getting_its_rows(
+    slow_model_app, embedder
+):
+    import httpx
+
+    requests = [
+        [f"request {i} item {j} " + "word " * ((i + j) % 5) for j in range(1 + i % 3)] for i in range(24)
+    ]
+
+    def one(texts):
+        with httpx.Client(timeout=60) as c:
+            return c.post(f"{slow_model_app}/v1/embeddings", json={"input": texts})
+
+    before = httpx.get(f"{slow_model_app}/healthz", timeout=10).json()
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, requests))
+    after = httpx.get(f"{slow_model_app}/healthz", timeout=10).json()
+    for texts, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(vectors_of(response.json()), embedder.embed_batch(texts), atol=TOLERANCE)
+    calls = after["model_calls"] - before["model_calls"]
+    assert calls <= len(requests) // 2, (
+        f"{len(requests)} requests took {calls} model calls: none went together"
+    )

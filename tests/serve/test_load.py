@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from benchmarks.load_test import HEADER, drive, format_row, make_bodies
+from benchmarks.load_test import HEADER, ServeCpu, drive, format_row, make_bodies
 from tests.serve.conftest import API_KEY, app_config
 
 pytestmark = pytest.mark.slow
@@ -16,14 +16,20 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 def test_a_thousand_requests_at_concurrency_32_get_no_5xx(main_app):
     bodies = make_bodies(count=64, items_per_request=1, words=12)
+    cpu = ServeCpu(app="main")
+    before = cpu.sample()
     result = asyncio.run(
         drive(f"{main_app}/v1/embeddings", bodies, concurrency=32, requests=1000, headers=AUTH)
     )
     summary = result.summary()
-    print(f"\n{HEADER}\n{format_row(summary)}")
+    per_request = cpu.per_request(before, cpu.sample(), result.requests)
+    print(f"\n{HEADER}\n{format_row(summary)}\ncpu ms/request: {ServeCpu.describe(per_request)}")
     assert result.requests == 1000
     assert result.ok == 1000, f"not all requests succeeded: {dict(result.statuses)} {dict(result.messages)}"
     assert summary["p50_ms"] <= summary["p99_ms"] < 60_000
+    # every request went through the proxy, an ingress replica and the model replica, each using CPU for it
+    assert {role: v["processes"] for role, v in per_request.items()} == {"proxy": 1, "ingress": 1, "model": 1}
+    assert all(v["ms"] > 0.1 for v in per_request.values()), per_request
 
 
 @pytest.fixture(scope="module")

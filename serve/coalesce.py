@@ -1,0 +1,88 @@
+"""Requests that arrive while earlier ones are being served go on together: fewer, larger calls downstream.
+
+An ingress replica forwards prepared items to the model deployment. Every call costs the model replica (one
+process) Serve's request handling, whatever it carries, so sending each HTTP request on its own caps a model
+replica's request rate well below what its forward pass could batch (benchmarks/NOTES.md). `Coalescer` keeps
+at most `slots` calls in flight; what is submitted meanwhile waits and leaves in the next call, up to
+`max_items` items. Nothing waits on a timer: alone, a request leaves at once.
+
+Pure asyncio (no Ray): one event loop, the replica's, runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Send = Callable[[list[Any]], Awaitable[np.ndarray]]
+
+
+class Coalescer:
+    """`await submit(items)` -> the rows of `send(all items of its group)` that belong to `items`."""
+
+    def __init__(self, send: Send, slots: int = 2, max_items: int = 256):
+        if slots < 1 or max_items < 1:
+            raise ValueError(f"slots and max_items must be >= 1, got {slots} and {max_items}")
+        self._send = send
+        self.slots = slots
+        self.max_items = max_items
+        self._waiting: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
+        self._in_flight = 0
+        self.calls = 0  # calls made so far (each with one or more submissions)
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, items: Sequence[Any]) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, future))
+        self._start_calls()
+        return await future
+
+    def _start_calls(self) -> None:
+        while self._in_flight < self.slots:
+            group = self._next_group()
+            if not group:
+                return
+            self._in_flight += 1
+            self.calls += 1
+            task = asyncio.ensure_future(self._call(group))
+            self._tasks.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._tasks.discard)
+
+    def _next_group(self) -> list[tuple[Sequence[Any], asyncio.Future]]:
+        """The oldest waiting submissions, up to `max_items` items (a larger one alone); cancelled ones dropped."""
+        group, count = [], 0
+        while self._waiting:
+            items, future = self._waiting[0]
+            if future.done():  # its caller gave up (a timeout): nothing to send
+                self._waiting.popleft()
+                continue
+            if group and count + len(items) > self.max_items:
+                break
+            self._waiting.popleft()
+            group.append((items, future))
+            count += len(items)
+        return group
+
+    async def _call(self, group: list[tuple[Sequence[Any], asyncio.Future]]) -> None:
+        try:
+            vectors = await self._send([item for items, _ in group for item in items])
+        except asyncio.CancelledError:
+            for _, future in group:
+                future.cancel()
+            raise
+        except Exception as exc:  # every submission of the call gets the call's error
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            bounds = np.cumsum([len(items) for items, _ in group])[:-1]
+            for (_, future), rows in zip(group, np.split(vectors, bounds), strict=True):
+                if not future.done():
+                    future.set_result(rows)
+        finally:
+            self._in_flight -= 1
+            self._start_calls()
