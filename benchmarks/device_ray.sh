@@ -45,7 +45,6 @@ timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD_ARGS --json "
 echo "load test exit $? after $(elapsed) s"
 grep -E "^Traceback|Error" "$OUT/serve.log" | sort | uniq -c | head -5
 cat "$OUT/serve.out"
-cp -r /tmp/ray/session_latest/logs/serve "$OUT/serve-logs" 2>/dev/null  # per-replica access logs: where time goes
 
 if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B of a serve option)
   echo "== [$(elapsed) s] Ray Serve again, $SHAPE: $LOAD2_ARGS =="
@@ -55,5 +54,4 @@ if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B
   echo "load test exit $? after $(elapsed) s"
   grep -E "^Traceback|Error" "$OUT/serve2.log" | sort | uniq -c | head -5
   cat "$OUT/serve2.out"
-  cp -r /tmp/ray/session_latest/logs/serve "$OUT/serve2-logs" 2>/dev/null
 fi

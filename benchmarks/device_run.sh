@@ -12,7 +12,8 @@ began=$(date +%s)
 elapsed() { echo $(( $(date +%s) - began )); }
 
 # Overrides: BENCH_ARGS (the bench's arguments), BENCH2_ARGS (a second bench after it, e.g. the FP8 rows),
-# SKIP_INSTALL=1 (use what is installed: a dry run elsewhere).
+# SKIP_INSTALL=1 (use what is installed: a dry run elsewhere), SKIP_BENCH=1 (only stage what device_ray.sh
+# needs: a Serve-only session is SKIP_BENCH=1 here, then device_ray.sh in the next call).
 BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile --passes 3"}
 BENCH_DEADLINE=${BENCH_DEADLINE:-270}
 if [ -d .devwheels/q1 ]; then  # the first half of the Ray pack: device_ray.sh picks it up in the next call
@@ -39,6 +40,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 transformers.__version__, '| pydantic', pydantic.__version__, '|', torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
+if [ "${SKIP_BENCH:-0}" = 1 ]; then  # only stage the wheels and the Ray pack's first half for device_ray.sh
+  echo "staged: $(ls /tmp/rk 2>/dev/null | wc -l) Ray pack part(s), transformers in /tmp/site"; exit 0
+fi
 echo "== [$(elapsed) s] GPU checks: flash varlen kernel, packed layout in bf16 =="
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
   tests/pipelines/test_varlen.py tests/pipelines/test_packed.py tests/pipelines/test_gpu_real_shape.py \

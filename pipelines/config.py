@@ -308,13 +308,6 @@ class ServeConfig(StrictModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a server batch waits for more requests to join it."
     )
-    switch_interval_ms: float = Field(
-        default=0.5,
-        gt=0,
-        description="A model replica's interpreter switch interval: how long the thread launching the forward "
-        "pass may keep the interpreter lock while incoming requests wait to join the next batch "
-        "(Python's default, 5 ms, starves them under load).",
-    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="A request not answered by then gets 503 with Retry-After."
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,9 +104,6 @@ class EmbeddingModel:
         from pipelines.embedder import Embedder
 
         self.config = Config.model_validate(config)
-        # the forward pass's launching thread holds the interpreter lock for most of a small batch; requests
-        # reaching this replica need it several times each to join the batch queue (benchmarks/NOTES.md)
-        sys.setswitchinterval(self.config.serve.switch_interval_ms / 1000)
         embedder_config = serving_embedder_config(self.config)
         self.embedder = Embedder.from_config(embedder_config)
         self.metrics = ServeMetrics()
@@ -170,7 +166,6 @@ class EmbeddingModel:
             "replica": ray_serve.get_replica_context().replica_id.unique_id,
             "pending_items": self.pending_items,
             "warm_up_s": round(self.warm_up_s, 3),
-            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
             **self.stats.as_dict(),
         }
 
