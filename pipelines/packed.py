@@ -328,14 +328,20 @@ class PackedForward:
         if image_side:
             self.forward([synthetic.image_item(rng, config, image_side) for _ in range(2)])
         if step_tokens and self.device.type == "cuda":
-            # the last kind twice, through `forward_steps`: two of its steps' pinned buffers are live at once
-            # in a run (one running, the next being packed); pinning ~0.5 GB takes a noticeable while, once
-            steps = full_steps(config, step_tokens, image_side)
-            for _ in self.forward_steps([*steps, steps[-1]]):
-                pass
+            self.run_full_steps(step_tokens, image_side)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+    def run_full_steps(self, step_tokens: int, image_side: int | None = None) -> int:
+        """`warm_up`'s GPU part: one full step of texts, then (with `image_side`) two of images, through
+        `forward_steps` as a run would, so that two image steps' pinned buffers are live at once (one running,
+        the next being packed) and get allocated here, not in the first pass. Returns the steps run."""
+        steps = full_steps(self.model.config, step_tokens, image_side)
+        steps.append(steps[-1])
+        for _ in self.forward_steps(steps):
+            pass
+        return len(steps)
 
 
 def full_steps(config, step_tokens: int, image_side: int | None = None) -> list[list]:
