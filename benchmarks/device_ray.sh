@@ -25,33 +25,23 @@ python3 -c "import ray, lancedb, transformers; print('ray', ray.__version__, '| 
 '| transformers', transformers.__version__)" 2>&1 | tee "$OUT/ray_env.txt"
 
 SHAPE=${SHAPE:-2b}
-BACKFILL_ARGS=${BACKFILL_ARGS:-"--texts 2048 --images 256 --image-side 448 --packed"}
-if [ "${SKIP_BACKFILL:-0}" != 1 ]; then
-echo "== [$(elapsed) s] backfill end to end, $SHAPE: $BACKFILL_ARGS =="
-# shellcheck disable=SC2086
-timeout 150 python3 -m benchmarks.backfill_bench --shape "$SHAPE" $BACKFILL_ARGS --json "$OUT/backfill.json" \
-  >"$OUT/backfill.out" 2>"$OUT/backfill.log"
-echo "backfill bench exit $? after $(elapsed) s"
-grep -E "^Traceback|Error" "$OUT/backfill.log" | sort | uniq -c | head -5
-cat "$OUT/backfill.out"
-ray stop --force >/dev/null 2>&1 || python3 -c "import ray; ray.shutdown()" >/dev/null 2>&1
-fi
-
-LOAD_ARGS=${LOAD_ARGS:-"--concurrency 1 8 64 --duration 10 --min-speedup 5"}  # on a GPU: packed+compile, 4 ingress replicas
-echo "== [$(elapsed) s] Ray Serve, $SHAPE: $LOAD_ARGS =="
-# shellcheck disable=SC2086
-timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD_ARGS --json "$OUT/serve.json" \
-  >"$OUT/serve.out" 2>"$OUT/serve.log"
-echo "load test exit $? after $(elapsed) s"
-grep -E "^Traceback|Error" "$OUT/serve.log" | sort | uniq -c | head -5
-cat "$OUT/serve.out"
-
-if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B of a serve option)
-  echo "== [$(elapsed) s] Ray Serve again, $SHAPE: $LOAD2_ARGS =="
+step() {  # step NAME TITLE MODULE ARGS: one bounded benchmark run, its output in $OUT/NAME.{out,log,json}
+  local name=$1 title=$2 module=$3 args=$4
+  echo "== [$(elapsed) s] $title, $SHAPE: $args =="
   # shellcheck disable=SC2086
-  timeout 140 python3 -m benchmarks.load_test --serve "$SHAPE" $LOAD2_ARGS --json "$OUT/serve2.json" \
-    >"$OUT/serve2.out" 2>"$OUT/serve2.log"
-  echo "load test exit $? after $(elapsed) s"
-  grep -E "^Traceback|Error" "$OUT/serve2.log" | sort | uniq -c | head -5
-  cat "$OUT/serve2.out"
+  timeout 150 python3 -m "$module" $args --json "$OUT/$name.json" >"$OUT/$name.out" 2>"$OUT/$name.log"
+  echo "$name exit $? after $(elapsed) s"
+  grep -E "^Traceback|Error" "$OUT/$name.log" | sort | uniq -c | head -5
+  cat "$OUT/$name.out"
+}
+if [ "${SKIP_BACKFILL:-0}" != 1 ]; then
+  step backfill "backfill end to end" benchmarks.backfill_bench \
+    "--shape $SHAPE ${BACKFILL_ARGS:-"--texts 2048 --images 256 --image-side 448 --packed"}"
+  ray stop --force >/dev/null 2>&1 || python3 -c "import ray; ray.shutdown()" >/dev/null 2>&1
+fi
+# on a GPU, load_test serves packed+compile with 4 ingress replicas
+step serve "Ray Serve" benchmarks.load_test \
+  "--serve $SHAPE ${LOAD_ARGS:-"--concurrency 1 8 64 --duration 10 --min-speedup 5"}"
+if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B of a serve option)
+  step serve2 "Ray Serve again" benchmarks.load_test "--serve $SHAPE $LOAD2_ARGS"
 fi

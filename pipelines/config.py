@@ -316,7 +316,9 @@ class ServeConfig(StrictModel):
     min_replicas: int = Field(default=1, ge=0, description="Fewest model replicas (autoscaling).")
     max_replicas: int = Field(default=1, ge=1, description="Most model replicas (autoscaling).")
     target_ongoing_requests: float = Field(
-        default=16, gt=0, description="Requests per replica the autoscaler aims for (batching wants several)."
+        default=16,
+        gt=0,
+        description="Items waiting per model replica the autoscaler aims for (batching wants several).",
     )
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(

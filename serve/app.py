@@ -28,6 +28,8 @@ from pipelines.config import Config, EmbedderConfig, ServeConfig
 from pipelines.items import ItemError
 from pipelines.metrics import ServeMetrics
 from serve.auth import api_key_from_env
+from serve.autoscaling import PENDING_ITEMS
+from serve.autoscaling import POLICY as AUTOSCALING_POLICY
 from serve.coalesce import Coalescer
 from serve.errors import ApiError, overloaded
 from serve.inputs import InputLimits, join_field
@@ -139,6 +141,10 @@ class EmbeddingModel:
         self.stats.record(len(batch))
         self.metrics.batch(len(batch), time.perf_counter() - start)
         return list(vectors)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `serve.autoscaling`'s policy scales on: the items this replica holds (queued or in a batch)."""
+        return {PENDING_ITEMS: float(self.pending_items)}
 
     def _queue_changed(self, delta: int) -> None:
         self.pending_items += delta
@@ -315,12 +321,20 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
     if serve_config.min_replicas == serve_config.max_replicas:
         options["num_replicas"] = serve_config.max_replicas
     else:
-        options["autoscaling_config"] = {
-            "min_replicas": serve_config.min_replicas,
-            "max_replicas": serve_config.max_replicas,
-            "target_ongoing_requests": serve_config.target_ongoing_requests,
-        }
+        options["autoscaling_config"] = with_policy(
+            {
+                "min_replicas": serve_config.min_replicas,
+                "max_replicas": serve_config.max_replicas,
+                "target_ongoing_requests": serve_config.target_ongoing_requests,
+            }
+        )
     return options
+
+
+def with_policy(autoscaling_config: dict[str, Any]) -> dict[str, Any]:
+    """An `autoscaling_config` that scales on the items model replicas hold (`serve.autoscaling`), unless it
+    names its own policy."""
+    return {"policy": {"policy_function": AUTOSCALING_POLICY}, **autoscaling_config}
 
 
 def ingress_options(serve_config: ServeConfig) -> dict[str, Any]:
@@ -339,6 +353,8 @@ def app_for(config: Config, ingress: dict[str, Any] | None = None, **overrides: 
     """The bound Serve application for a `Config`: `overrides` are `EmbeddingModel`'s Serve options,
     `ingress` `EmbeddingService`'s."""
     payload = config.model_dump(mode="json")
+    if overrides.get("autoscaling_config") is not None:
+        overrides["autoscaling_config"] = with_policy(overrides["autoscaling_config"])
     model = EmbeddingModel.options(**{**deployment_options(config.serve), **overrides}).bind(payload)
     return EmbeddingService.options(**{**ingress_options(config.serve), **(ingress or {})}).bind(
         payload, model

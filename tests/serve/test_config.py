@@ -79,6 +79,7 @@ def test_deployment_options_follow_the_serve_section():
         "min_replicas": 1,
         "max_replicas": 3,
         "target_ongoing_requests": 8,
+        "policy": {"policy_function": "serve.autoscaling:pending_items_policy"},
     }
     assert "num_replicas" not in scaled
     with pytest.raises(ValueError, match="min_replicas"):
