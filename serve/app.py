@@ -39,9 +39,10 @@ APP_NAME = "vlm-embed"
 INGRESS_DEPLOYMENT = "EmbeddingService"  # HTTP: checks, preparing, responses (CPU replicas)
 MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 PREPARE_THREADS = 4
-# An ingress replica keeps at most this many calls to the model deployment in flight; the requests that arrive
-# meanwhile go together in its next call (`serve.coalesce`)
+# An ingress replica keeps this many calls to the model deployment in flight; the requests that arrive meanwhile
+# go together in its next call, or in one of their own once this many items wait (`serve.coalesce`)
 MODEL_CALLS_PER_INGRESS = 2
+MODEL_CALL_GROUP_ITEMS = 8
 HEALTH_TIMEOUT_S = 5.0
 _IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
 
@@ -206,7 +207,10 @@ class EmbeddingService:
         self.created = int(time.time())
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
         self._together = Coalescer(
-            self._call_model, slots=MODEL_CALLS_PER_INGRESS, max_items=serve_config.max_items_per_request
+            self._call_model,
+            slots=MODEL_CALLS_PER_INGRESS,
+            max_items=serve_config.max_items_per_request,
+            group_items=MODEL_CALL_GROUP_ITEMS,
         )
 
     def __serve_build_asgi_app__(self):

@@ -3,8 +3,10 @@
 An ingress replica forwards prepared items to the model deployment. Every call costs the model replica (one
 process) Serve's request handling, whatever it carries, so sending each HTTP request on its own caps a model
 replica's request rate well below what its forward pass could batch (benchmarks/NOTES.md). `Coalescer` keeps
-at most `slots` calls in flight; what is submitted meanwhile waits and leaves in the next call, up to
-`max_items` items. Nothing waits on a timer: alone, a request leaves at once.
+`slots` calls in flight; what is submitted meanwhile waits and leaves in the next call, up to `max_items`
+items, or in a call of its own as soon as `group_items` items wait (so that a backlog moves on to the model
+replicas, where their autoscaling policy counts it: `serve.autoscaling`). Nothing waits on a timer: alone, a
+request leaves at once.
 
 Pure asyncio (no Ray): one event loop, the replica's, runs it.
 """
@@ -24,13 +26,17 @@ Send = Callable[[list[Any]], Awaitable[np.ndarray]]
 class Coalescer:
     """`await submit(items)` -> the rows of `send(all items of its group)` that belong to `items`."""
 
-    def __init__(self, send: Send, slots: int = 2, max_items: int = 256):
-        if slots < 1 or max_items < 1:
-            raise ValueError(f"slots and max_items must be >= 1, got {slots} and {max_items}")
+    def __init__(self, send: Send, slots: int = 2, max_items: int = 256, group_items: int = 8):
+        if min(slots, max_items, group_items) < 1:
+            raise ValueError(
+                f"slots, max_items and group_items must be >= 1, got {slots}, {max_items} and {group_items}"
+            )
         self._send = send
         self.slots = slots
         self.max_items = max_items
+        self.group_items = group_items
         self._waiting: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
+        self._waiting_items = 0
         self._in_flight = 0
         self.calls = 0  # calls made so far (each with one or more submissions)
         self._tasks: set[asyncio.Task] = set()
@@ -38,11 +44,12 @@ class Coalescer:
     async def submit(self, items: Sequence[Any]) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((items, future))
+        self._waiting_items += len(items)
         self._start_calls()
         return await future
 
     def _start_calls(self) -> None:
-        while self._in_flight < self.slots:
+        while self._in_flight < self.slots or self._waiting_items >= self.group_items:
             group = self._next_group()
             if not group:
                 return
@@ -59,10 +66,12 @@ class Coalescer:
             items, future = self._waiting[0]
             if future.done():  # its caller gave up (a timeout): nothing to send
                 self._waiting.popleft()
+                self._waiting_items -= len(items)
                 continue
             if group and count + len(items) > self.max_items:
                 break
             self._waiting.popleft()
+            self._waiting_items -= len(items)
             group.append((items, future))
             count += len(items)
         return group

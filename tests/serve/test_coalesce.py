@@ -51,7 +51,7 @@ def test_submissions_arriving_while_the_slots_are_busy_share_the_next_call_and_g
     requests = requests_of([1, 2, 3, 1, 2, 1, 1, 3, 2, 1])
 
     async def main():
-        coalescer = Coalescer(downstream, slots=2)
+        coalescer = Coalescer(downstream, slots=2, group_items=100)
         results = await asyncio.gather(*(coalescer.submit(items) for items in requests))
         return coalescer, results
 
@@ -65,12 +65,25 @@ def test_submissions_arriving_while_the_slots_are_busy_share_the_next_call_and_g
         assert rows.shape == (len(items), 3)
 
 
+def test_once_group_items_wait_they_leave_in_a_call_of_their_own_even_with_every_slot_busy():
+    downstream = SlowDownstream()
+
+    async def main():
+        coalescer = Coalescer(downstream, slots=1, group_items=4)
+        return await asyncio.gather(*(coalescer.submit([i]) for i in range(10)))
+
+    results = asyncio.run(main())
+    # [0] takes the slot; then every 4 waiting items leave together; the last one when a call is back
+    assert downstream.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert [int(rows[0, 0]) for rows in results] == list(range(10))
+
+
 def test_a_call_never_carries_more_than_max_items_but_a_larger_submission_still_goes_alone():
     downstream = SlowDownstream()
     requests = requests_of([1, 3, 3, 3, 7, 2])
 
     async def main():
-        coalescer = Coalescer(downstream, slots=1, max_items=6)
+        coalescer = Coalescer(downstream, slots=1, max_items=6, group_items=100)
         return await asyncio.gather(*(coalescer.submit(items) for items in requests))
 
     results = asyncio.run(main())
@@ -113,5 +126,7 @@ def test_a_submission_whose_caller_gave_up_is_not_sent_and_the_rest_still_are():
 
 
 def test_nonsense_settings_are_refused():
-    with pytest.raises(ValueError, match="slots and max_items"):
+    with pytest.raises(ValueError, match="slots, max_items and group_items"):
         Coalescer(SlowDownstream(), slots=0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Coalescer(SlowDownstream(), group_items=0)

@@ -93,13 +93,13 @@ def test_under_load_replicas_scale_up_a_killed_one_is_replaced_and_they_scale_ba
         autoscaling_config={
             "min_replicas": 1,
             "max_replicas": 2,
-            # items per replica: one ingress holds at most 2 calls to the model however many requests wait, so
-            # under a load of 16 only a policy counting items (serve/autoscaling.py) wants a second replica
+            # items per replica: one ingress sends a load of 16 in 2-3 calls, so only a policy counting items
+            # (serve/autoscaling.py) wants a second replica
             "target_ongoing_requests": 4,
             "metrics_interval_s": 0.25,
-            "look_back_period_s": 1.0,
+            "look_back_period_s": 2.0,
             "upscale_delay_s": 0.5,
-            "downscale_delay_s": 2.0,
+            "downscale_delay_s": 5.0,
         },
     )
     try:
