@@ -49,26 +49,23 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
   >"$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $?"; grep -E "passed|failed|skipped|rror|cosine" "$OUT/gpu_tests.log" | tail -10
 
-echo "== [$(elapsed) s] benchmark: $BENCH_ARGS (and the baseline), text and image =="
-# shellcheck disable=SC2086
-timeout $((BENCH_DEADLINE + 60)) python3 -m benchmarks.bench $BENCH_ARGS --deadline-s "$BENCH_DEADLINE" --json "$OUT/bench.json" \
-  >"$OUT/bench.out" 2>"$OUT/bench.log"
-status=$?
-echo "bench exit $status after $(elapsed) s"
-grep -E "^Traceback|Error|skipped" "$OUT/bench.log" | sort | uniq -c | head -8
-echo
-if [ -n "${BENCH2_ARGS:-}" ]; then  # a second bench in the same call (e.g. the FP8 rows), its own JSON
-  echo "== [$(elapsed) s] second benchmark: $BENCH2_ARGS =="
+bench() {  # bench NAME TITLE ARGS: one bounded bench run, its output in $OUT/NAME.{out,log,json}
+  local name=$1 title=$2 args=$3
+  echo "== [$(elapsed) s] $title: $args =="
   # shellcheck disable=SC2086
-  timeout $((BENCH_DEADLINE + 60)) python3 -m benchmarks.bench $BENCH2_ARGS --deadline-s "$BENCH_DEADLINE" \
-    --json "$OUT/bench2.json" >"$OUT/bench2.out" 2>"$OUT/bench2.log"
-  echo "second bench exit $? after $(elapsed) s"
-  grep -E "^Traceback|Error|skipped" "$OUT/bench2.log" | sort | uniq -c | head -8
-  [ -s "$OUT/bench2.json" ] && python3 -m benchmarks.bench --show "$OUT/bench2.json"
+  timeout $((BENCH_DEADLINE + 60)) python3 -m benchmarks.bench $args --deadline-s "$BENCH_DEADLINE" \
+    --json "$OUT/$name.json" >"$OUT/$name.out" 2>"$OUT/$name.log"
+  echo "$name exit $? after $(elapsed) s"
+  grep -E "^Traceback|Error|skipped" "$OUT/$name.log" | sort | uniq -c | head -8
   echo
+}
+show() {  # the table of a bench's JSON, or the end of its log when it wrote none
+  if [ -s "$OUT/$1.json" ]; then python3 -m benchmarks.bench --show "$OUT/$1.json"; else tail -20 "$OUT/$1.log"; fi
+  echo
+}
+bench bench "benchmark (and the baseline), text and image" "$BENCH_ARGS"
+if [ -n "${BENCH2_ARGS:-}" ]; then  # a second bench in the same call (e.g. the FP8 rows), its own JSON
+  bench bench2 "second benchmark" "$BENCH2_ARGS"
+  show bench2
 fi
-if [ -s "$OUT/bench.json" ]; then
-  python3 -m benchmarks.bench --show "$OUT/bench.json"
-else
-  tail -20 "$OUT/bench.log"
-fi
+show bench

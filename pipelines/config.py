@@ -320,7 +320,12 @@ class ServeConfig(StrictModel):
         gt=0,
         description="Items waiting per model replica the autoscaler aims for (batching wants several).",
     )
-    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica works on at once.")
+    max_ongoing_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Calls one model replica works on at once (an ingress call carries one or more requests); "
+        "each ingress replica takes this many requests per model replica.",
+    )
     max_queued_requests: int = Field(
         default=256,
         ge=-1,

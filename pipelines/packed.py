@@ -225,18 +225,17 @@ class PackedForward:
         On a GPU the host's share of a step is packing (gathering ~100 MB of pixels for a step of images) and
         launching kernels; launching runs ahead of the GPU only as far as its queue allows, so packing the
         next step only after the last launch leaves the GPU idle for it. The copying releases the
-        interpreter lock, so the helper thread's packing overlaps the launches. One step: no thread."""
-        if len(steps) == 1:
-            yield self.forward(steps[0])
+        interpreter lock, so the helper thread's packing overlaps the launches. One step or none: no thread."""
+        if len(steps) <= 1:
+            yield from map(self.forward, steps)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack") as pool:
-            packing = pool.submit(self._pack, steps[0]) if steps else None
+            packing = pool.submit(self._pack, steps[0])
             for step in steps[1:]:
                 batch = packing.result()
                 packing = pool.submit(self._pack, step)
                 yield self.forward_packed(batch.to(self.device, self.dtype))
-            if packing is not None:
-                yield self.forward_packed(packing.result().to(self.device, self.dtype))
+            yield self.forward_packed(packing.result().to(self.device, self.dtype))
 
     def _pack(self, items: Sequence[PreparedItem]) -> PackedBatch:
         return pack(items, self.model.config.image_token_id, pin=self.device.type == "cuda")
@@ -362,7 +361,6 @@ class _VisionPreamble:
 
     def __init__(self, visual, helpers, rotary):
         self.visual = visual
-        self.helpers = helpers
         self.rotary = rotary
         self.positions = _ImagePositions(visual, helpers)
 

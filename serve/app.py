@@ -207,7 +207,7 @@ class EmbeddingService:
         self.created = int(time.time())
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
         self._together = Coalescer(
-            self._call_model,
+            model.embed.remote,
             slots=MODEL_CALLS_PER_INGRESS,
             max_items=serve_config.max_items_per_request,
             group_items=MODEL_CALL_GROUP_ITEMS,
@@ -247,9 +247,6 @@ class EmbeddingService:
                 "a model replica stopped while embedding this request: retry", retry_after
             ) from None
         return vectors, sum(p.num_tokens for p in prepared)
-
-    async def _call_model(self, prepared: list[Any]) -> np.ndarray:
-        return await self.model.embed.remote(prepared)
 
     def _prepare_all(self, items: list[Any], fields: list[str]) -> list[Any]:
         out = []
