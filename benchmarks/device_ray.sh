@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The Ray parts on the GPU, in the call right after device_run.sh on the same warm machine (about 4 minutes):
-#   device: carry [".devwheels/q2"], command "bash benchmarks/device_ray.sh", timeout_s 330
+# The Ray parts on the GPU, in the call right after device_run.sh on the same warm machine (about 5-7 minutes with the backfill, 4 without: SKIP_BACKFILL=1):
+#   device: carry [".devwheels/q2"], command "bash benchmarks/device_ray.sh", timeout_s 480
 # Joins the Ray pack's halves (q1 came with device_run.sh into /tmp/rk), unpacks it into /tmp/site beside the
 # transformers that device_run.sh installed there, then
 #   1. the backfill end to end on the mixed workload (2,048 texts + 256 images of 448x448), 2B shape, random
 #      weights, against the bare embedder on the same rows (issue 3 section 8, issue 6 section 1);
-#   2. Ray Serve with the 2B shape: single-text requests at concurrency 1, 8 and 64 (issue 4 section 5).
+#   2. Ray Serve with the 2B shape: single-text requests at concurrency 1, 8 and 64 (issue 4 section 5), with
+#      Serve's own proxy and then in high-throughput mode (HAProxy).
 # Logs and JSON go to $OUT; the tail of the output holds both results.
 set -uo pipefail
 OUT=${OUT:-/tmp/ray-out}
@@ -42,6 +43,10 @@ fi
 # on a GPU, load_test serves packed+compile with 4 ingress replicas
 step serve "Ray Serve" benchmarks.load_test \
   "--serve $SHAPE ${LOAD_ARGS:-"--concurrency 1 8 64 --duration 10 --min-speedup 5"}"
-if [ -n "${LOAD2_ARGS:-}" ]; then  # a second Serve run in the same call (an A/B of a serve option)
+# then the same with Ray Serve's high-throughput mode (HAProxy, serve/high_throughput.py): an A/B in one call;
+# LOAD2_ARGS= (empty) skips it, other LOAD2_ARGS run another option instead
+LOAD2_ARGS=${LOAD2_ARGS-"--concurrency 1 8 64 --duration 10 --min-speedup 5 --serve-option high_throughput=true"}
+if [ -n "$LOAD2_ARGS" ]; then
+  ray stop --force >/dev/null 2>&1
   step serve2 "Ray Serve again" benchmarks.load_test "--serve $SHAPE $LOAD2_ARGS"
 fi

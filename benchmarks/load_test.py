@@ -286,18 +286,28 @@ def run_levels(
 
 
 class ServeCpu:
-    """CPU time (user + system) of this machine's Serve processes by role: the HTTP proxy, the ingress
-    replicas, the model replicas. Per request, it shows which single process a request rate would saturate
-    first (the proxy and each replica are one process each)."""
+    """CPU time (user + system) of this machine's processes by role: Serve's HTTP proxy (or HAProxy, in
+    high-throughput mode), the ingress replicas, the model replicas, and this load test's client. Per request,
+    it shows which single process a request rate would saturate first (the proxy and each replica are one
+    process each)."""
 
     def __init__(self, app: str = "vlm-embed"):
         from serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 
-        self.roles = {
+        self.titles = {  # how each role's processes' command lines begin
             "proxy": "ray::ProxyActor",
             "ingress": f"ray::ServeReplica:{app}:{INGRESS_DEPLOYMENT}",
             "model": f"ray::ServeReplica:{app}:{MODEL_DEPLOYMENT}",
         }
+        self.roles = ["proxy", "haproxy", "ingress", "model", "client"]
+
+    def role_of(self, pid: int, cmdline: list[str]) -> str | None:
+        if pid == os.getpid():
+            return "client"
+        if cmdline and os.path.basename(cmdline[0]) == "haproxy":
+            return "haproxy"
+        command = " ".join(cmdline)
+        return next((role for role, title in self.titles.items() if command.startswith(title)), None)
 
     @classmethod
     def local(cls) -> ServeCpu | None:
@@ -313,14 +323,14 @@ class ServeCpu:
 
         seen: dict[str, dict[int, float]] = {role: {} for role in self.roles}
         for process in psutil.process_iter(["pid", "cmdline"]):
-            command = " ".join(process.info["cmdline"] or [])
-            for role, title in self.roles.items():
-                if command.startswith(title):
-                    try:
-                        times = process.cpu_times()
-                    except psutil.Error:
-                        continue
-                    seen[role][process.info["pid"]] = times.user + times.system
+            role = self.role_of(process.info["pid"], process.info["cmdline"] or [])
+            if role is None:
+                continue
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            seen[role][process.info["pid"]] = times.user + times.system
         return seen
 
     @staticmethod
@@ -337,6 +347,7 @@ class ServeCpu:
         return ", ".join(
             f"{role} {v['ms']:.1f} ({v['processes']} process{'es' if v['processes'] != 1 else ''})"
             for role, v in per_role.items()
+            if v["processes"]
         )
 
 
@@ -408,6 +419,10 @@ def start_local_endpoint(model: str, embedder_options: dict, serve_options: dict
     config = Config(
         embedder=EmbedderConfig(model=model, **embedder_options), serve=ServeConfig(**serve_options)
     )
+    if config.serve.high_throughput:  # HAProxy in front of the ingress replicas (serve.high_throughput)
+        from serve.high_throughput import enable_for_local_ray
+
+        enable_for_local_ray()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     began = time.perf_counter()

@@ -343,6 +343,13 @@ class ServeConfig(StrictModel):
         description="HTTP ingress replicas (checks, tokenizing, responses); add some on busy GPU nodes.",
     )
     ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs per ingress replica.")
+    high_throughput: bool = Field(
+        default=False,
+        description="Ray Serve's high-throughput mode: HAProxy in front of ingress replicas that serve HTTP "
+        "themselves, gRPC between the deployments. It is set in the Ray processes' environment, so it applies "
+        "where vlm-embed starts Ray; a cluster needs it where Ray starts (see serve.high_throughput). HAProxy's "
+        "stats (8404) and metrics (9101) ports then listen on all interfaces.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:

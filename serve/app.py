@@ -363,5 +363,12 @@ def app_for(config: Config, ingress: dict[str, Any] | None = None, **overrides: 
 
 
 def build_app(args: dict[str, Any] | None = None):
-    """Serve's app builder (`import_path: serve.app:build_app`): `args` hold `config` or `config_path`."""
-    return app_for(config_from_args(args))
+    """Serve's app builder (`import_path: serve.app:build_app`): `args` hold `config` or `config_path`. A
+    config with `serve.high_throughput` is refused on a cluster whose processes run without the mode."""
+    config = config_from_args(args)
+    if config.serve.high_throughput:
+        from serve.high_throughput import cluster_has_it, missing_on_cluster_message
+
+        if not cluster_has_it():
+            raise ValueError(missing_on_cluster_message())
+    return app_for(config)

@@ -165,12 +165,19 @@ def serve_forever(target: Target, address: str | None) -> int:
     import ray
     from ray import serve
 
+    from serve import high_throughput
     from serve.app import APP_NAME, app_for
 
     print_fn = functools.partial(print, flush=True)
     config = target.config
     address = ray_address(config, address)
+    if config.serve.high_throughput and address == "local":
+        high_throughput.enable_for_local_ray()
     ray.init(address=address, include_dashboard=False if address == "local" else None)
+    if config.serve.high_throughput and address != "local" and not high_throughput.cluster_has_it():
+        print_fn(f"error: {high_throughput.missing_on_cluster_message()}")
+        ray.shutdown()
+        return 1
     timeout = target.http_options.get("request_timeout_s", 2 * config.serve.request_timeout_s)
     serve.start(
         http_options={"host": config.serve.host, "port": config.serve.port, "request_timeout_s": timeout}

@@ -27,9 +27,16 @@ def test_a_thousand_requests_at_concurrency_32_get_no_5xx(main_app):
     assert result.requests == 1000
     assert result.ok == 1000, f"not all requests succeeded: {dict(result.statuses)} {dict(result.messages)}"
     assert summary["p50_ms"] <= summary["p99_ms"] < 60_000
-    # every request went through the proxy, an ingress replica and the model replica, each using CPU for it
-    assert {role: v["processes"] for role, v in per_request.items()} == {"proxy": 1, "ingress": 1, "model": 1}
-    assert all(v["ms"] > 0.1 for v in per_request.values()), per_request
+    # every request went from this client through the proxy, an ingress replica and the model replica, each
+    # using CPU for it (no HAProxy: the test cluster runs Serve's own proxy)
+    seen = {role: v for role, v in per_request.items() if v["processes"]}
+    assert {role: v["processes"] for role, v in seen.items()} == {
+        "proxy": 1,
+        "ingress": 1,
+        "model": 1,
+        "client": 1,
+    }
+    assert all(v["ms"] > 0.1 for v in seen.values()), per_request
 
 
 @pytest.fixture(scope="module")
