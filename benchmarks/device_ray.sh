@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Ray parts on the GPU, in the call right after device_run.sh on the same warm machine (about 5-7 minutes with the backfill, 4 without: SKIP_BACKFILL=1):
+# The Ray parts on the GPU, in the call right after device_run.sh on the same warm machine (about 5-7 minutes;
+# 4 with SKIP_BACKFILL=1):
 #   device: carry [".devwheels/q2"], command "bash benchmarks/device_ray.sh", timeout_s 480
 # Joins the Ray pack's halves (q1 came with device_run.sh into /tmp/rk), unpacks it into /tmp/site beside the
 # transformers that device_run.sh installed there, then
