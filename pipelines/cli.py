@@ -321,6 +321,7 @@ examples:
   vlm-embed serve --config job.yaml --port 8080          # the model and table of a backfill job
   vlm-embed serve --config serve/config.yaml --model Qwen/Qwen3-VL-Embedding-2B \\
       --recipe qwen3-vl-embedding --num-gpus 1 --max-replicas 4
+  vlm-embed serve --high-throughput                      # HAProxy in front of the replicas (Ray >= 2.55)
 """,
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="a config YAML or a Ray Serve config file")

@@ -347,7 +347,7 @@ class ServeConfig(StrictModel):
         default=False,
         description="Ray Serve's high-throughput mode: HAProxy in front of ingress replicas that serve HTTP "
         "themselves, gRPC between the deployments. It is set in the Ray processes' environment, so it applies "
-        "where vlm-embed starts Ray; a cluster needs it where Ray starts (see serve.high_throughput). HAProxy's "
+        "where vlm-embed starts Ray; a cluster needs it where Ray starts (README, Serving). HAProxy's "
         "stats (8404) and metrics (9101) ports then listen on all interfaces.",
     )
 
