@@ -165,17 +165,17 @@ def serve_forever(target: Target, address: str | None) -> int:
     import ray
     from ray import serve
 
-    from serve import high_throughput
     from serve.app import APP_NAME, app_for
+    from serve.high_throughput import cluster_has_it, enable_for_local_ray, missing_on_cluster_message
 
     print_fn = functools.partial(print, flush=True)
     config = target.config
     address = ray_address(config, address)
     if config.serve.high_throughput and address == "local":
-        high_throughput.enable_for_local_ray()
+        enable_for_local_ray()
     ray.init(address=address, include_dashboard=False if address == "local" else None)
-    if config.serve.high_throughput and address != "local" and not high_throughput.cluster_has_it():
-        print_fn(f"error: {high_throughput.missing_on_cluster_message()}")
+    if config.serve.high_throughput and address != "local" and not cluster_has_it():
+        print_fn(f"error: {missing_on_cluster_message()}")
         ray.shutdown()
         return 1
     timeout = target.http_options.get("request_timeout_s", 2 * config.serve.request_timeout_s)
