@@ -422,7 +422,8 @@ def start_local_endpoint(model: str, embedder_options: dict, serve_options: dict
     if config.serve.high_throughput:  # HAProxy in front of the ingress replicas (serve.high_throughput)
         from serve.high_throughput import enable_for_local_ray
 
-        enable_for_local_ray()
+        for line in enable_for_local_ray():
+            print(line, flush=True)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     began = time.perf_counter()

@@ -12,7 +12,7 @@ calls between the deployments go over gRPC. Ray reads the switch from the enviro
 
 What changes besides speed: each ingress replica listens on an HTTP port of its own (30000-31000, on the
 configured host, like the API port HAProxy holds), and HAProxy's stats (8404) and metrics (9101) ports listen
-on all interfaces.
+on all interfaces; where vlm-embed starts Ray, one that is taken moves to a free port (and says so).
 """
 
 from __future__ import annotations
@@ -20,12 +20,49 @@ from __future__ import annotations
 import os
 
 ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# HAProxy's own listeners, fixed by Ray unless these variables move them: what each is, its variable, its port
+HAPROXY_PORTS = (
+    ("stats", "RAY_SERVE_HAPROXY_STATS_PORT", 8404),
+    ("metrics", "RAY_SERVE_HAPROXY_METRICS_PORT", 9101),
+)
 
 
-def enable_for_local_ray() -> None:
+def enable_for_local_ray() -> list[str]:
     """Put the switch in this process's environment: a Ray instance started from here afterwards inherits it.
-    Call it before `ray.init` starts a local instance."""
+    Call it before `ray.init` starts a local instance. HAProxy's stats and metrics ports that are already taken
+    (another instance on this machine) move to free ones, unless their variables are set; returns a line for
+    each port moved."""
     os.environ.update(ENV)
+    moved = []
+    for what, variable, port in HAPROXY_PORTS:
+        if variable not in os.environ and _taken(port):
+            os.environ[variable] = str(_free_port())
+            moved.append(
+                f"HAProxy's {what} port {port} is in use here: using {os.environ[variable]} ({variable})"
+            )
+    return moved
+
+
+def _taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as HAProxy: only a listener is in the way
+        try:
+            sock.bind(("0.0.0.0", port))  # HAProxy binds these on all interfaces
+        except OSError:
+            return True
+    return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        return sock.getsockname()[1]
 
 
 def environment_has_it(environ=None) -> bool:

@@ -172,7 +172,8 @@ def serve_forever(target: Target, address: str | None) -> int:
     config = target.config
     address = ray_address(config, address)
     if config.serve.high_throughput and address == "local":
-        enable_for_local_ray()
+        for line in enable_for_local_ray():
+            print_fn(line)
     ray.init(address=address, include_dashboard=False if address == "local" else None)
     if config.serve.high_throughput and address != "local" and not cluster_has_it():
         print_fn(f"error: {missing_on_cluster_message()}")

@@ -4,7 +4,9 @@ with the embedder's vectors and stops on Ctrl-C; a cluster started without the m
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve.high_throughput import ENV, enable_for_local_ray, environment_has_it
+from serve.high_throughput import ENV, HAPROXY_PORTS, enable_for_local_ray, environment_has_it
 from tests.serve.conftest import free_port
 from tests.serve.test_launch import VLM_EMBED
 
@@ -54,14 +56,45 @@ def haproxy_ports(pid: int) -> set[tuple[str, int]]:
     }
 
 
-def test_enabling_it_for_a_local_ray_sets_both_switches(monkeypatch):
-    for name in ENV:  # setenv first, so that the variables are removed again afterwards
-        monkeypatch.setenv(name, "0")
+@pytest.fixture
+def local_env(monkeypatch):
+    """The mode's variables absent now, and removed again after the test (Ray started later must not see them)."""
+    for name in [*ENV, *(variable for _, variable, _ in HAPROXY_PORTS)]:
+        monkeypatch.setenv(name, "0")  # recorded, so the teardown removes what the test sets
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def hold_port(port: int) -> socket.socket:
+    """A listener on `port` on all interfaces; if something listens there already, that serves as well."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("0.0.0.0", port))
+        holder.listen()
+    except OSError:
+        pass
+    return holder
+
+
+def test_enabling_it_for_a_local_ray_sets_both_switches(local_env):
     assert not environment_has_it()
     enable_for_local_ray()
     assert {name: os.environ[name] for name in ENV} == ENV
     assert environment_has_it()
     assert not environment_has_it({**ENV, "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+
+
+def test_haproxys_own_ports_move_when_taken_unless_the_variables_name_them(local_env):
+    with hold_port(8404):
+        moved = enable_for_local_ray()
+        stats = int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"])
+        assert stats != 8404 and any(line.startswith("HAProxy's stats port 8404 is in use") for line in moved)
+        with socket.socket() as probe:  # the port it moved to is free
+            probe.bind(("0.0.0.0", stats))
+        local_env.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "8404")  # the operator's choice stays
+        assert not any("stats" in line for line in enable_for_local_ray())
+        assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
 
 
 def test_serve_help_offers_the_mode():
@@ -89,7 +122,9 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
     from pipelines.embedder import Embedder
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ENV and k != "RAY_ADDRESS"}
+    ours = {*ENV, *(variable for _, variable, _ in HAPROXY_PORTS)}
+    env = {k: v for k, v in os.environ.items() if k not in ours and k != "RAY_ADDRESS"}
+    holder = hold_port(8404)  # HAProxy's stats port taken, as by another instance: the CLI moves it
     process = subprocess.Popen(
         [VLM_EMBED, "serve", "--high-throughput", "--port", str(port), "--model", str(tiny_model_dir)]
         + ["--device", "cpu", "--dtype", "float32", "--num-cpus", "0.5", "--ingress-num-cpus", "0.5"],
@@ -115,7 +150,13 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
         assert set(listeners(port).values()) == {"haproxy@127.0.0.1"}, listeners(port)
         assert replica_http_ports() and {ip for ip, _ in replica_http_ports()} == {"127.0.0.1"}
         (haproxy,) = listeners(port)
-        assert haproxy_ports(haproxy) == {("127.0.0.1", port), ("0.0.0.0", 8404), ("0.0.0.0", 9101)}
+        assert any(line.startswith("HAProxy's stats port 8404 is in use here") for line in lines), lines
+        own = {default: default for _, _, default in HAPROXY_PORTS}  # or where the CLI says it moved one
+        for line in lines:
+            match = re.match(r"HAProxy's \w+ port (\d+) is in use here: using (\d+)", line)
+            if match:
+                own[int(match[1])] = int(match[2])
+        assert haproxy_ports(haproxy) == {("127.0.0.1", port)} | {("0.0.0.0", p) for p in own.values()}
         texts = ["a red circle", "two blue squares on a table"]
         response = httpx.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
         assert response.status_code == 200, response.text
@@ -130,6 +171,7 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
         time.sleep(1)
         assert not listeners(port)
     finally:
+        holder.close()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
