@@ -18,6 +18,7 @@ on all interfaces; where vlm-embed starts Ray, one that is taken moves to a free
 from __future__ import annotations
 
 import os
+import socket
 
 ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # HAProxy's own listeners, fixed by Ray unless these variables move them: what each is, its variable, its port
@@ -44,22 +45,17 @@ def enable_for_local_ray() -> list[str]:
 
 
 def _taken(port: int) -> bool:
-    import socket
-
+    """Whether something listens on `port`, as HAProxy would find it: on all interfaces, with SO_REUSEADDR."""
     with socket.socket() as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as HAProxy: only a listener is in the way
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))  # HAProxy binds these on all interfaces
+            sock.bind(("0.0.0.0", port))
         except OSError:
             return True
     return False
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", 0))
         return sock.getsockname()[1]

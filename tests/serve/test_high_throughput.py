@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
-import threading
 import time
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 
 from serve.high_throughput import ENV, HAPROXY_PORTS, enable_for_local_ray, environment_has_it
 from tests.serve.conftest import free_port
-from tests.serve.test_launch import VLM_EMBED
+from tests.serve.test_launch import VLM_EMBED, serving
 
 pytestmark = pytest.mark.slow
 
@@ -124,26 +122,11 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
     port = free_port()
     ours = {*ENV, *(variable for _, variable, _ in HAPROXY_PORTS)}
     env = {k: v for k, v in os.environ.items() if k not in ours and k != "RAY_ADDRESS"}
-    holder = hold_port(8404)  # HAProxy's stats port taken, as by another instance: the CLI moves it
-    process = subprocess.Popen(
-        [VLM_EMBED, "serve", "--high-throughput", "--port", str(port), "--model", str(tiny_model_dir)]
-        + ["--device", "cpu", "--dtype", "float32", "--num-cpus", "0.5", "--ingress-num-cpus", "0.5"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while not any(f"at {url}" in line for line in lines):
-            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.5)
+    args = ["--high-throughput", "--port", str(port), "--model", str(tiny_model_dir), "--device", "cpu"]
+    args += ["--dtype", "float32", "--num-cpus", "0.5", "--ingress-num-cpus", "0.5"]
+    # HAProxy's stats port taken, as by another instance: the CLI moves it
+    with hold_port(8404), serving(port, args, env, tmp_path) as served:
+        url, lines = served.url, served.lines
         # HAProxy, not Serve's Python proxy, holds the port, on loopback; the ingress replica serves HTTP on a
         # port of its own, on the same host; HAProxy's stats and metrics ports listen on all interfaces (what
         # the README says of this mode)
@@ -160,21 +143,15 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
         texts = ["a red circle", "two blue squares on a table"]
         response = httpx.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
         assert response.status_code == 200, response.text
-        served = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        served_vectors = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
         config = EmbedderConfig(model=str(tiny_model_dir), device="cpu", dtype="float32")
         expected = Embedder.from_config(config).embed_batch(texts)
-        np.testing.assert_allclose(served, expected, atol=1e-5)
+        np.testing.assert_allclose(served_vectors, expected, atol=1e-5)
         bad = httpx.post(f"{url}/v1/embeddings", content=b"{not json", timeout=30)
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 0, "".join(lines)
+        served.stop_with_ctrl_c(timeout_s=120)
         time.sleep(1)
         assert not listeners(port)
-    finally:
-        holder.close()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 def test_the_app_builder_refuses_the_mode_on_a_cluster_without_it(ray_session):
