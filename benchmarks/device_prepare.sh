@@ -3,7 +3,7 @@
 #   bash benchmarks/device_prepare.sh          -> .whl/bench: transformers 5.24 + pydantic + orjson, about 17 MB
 #   bash benchmarks/device_prepare.sh --ray    -> also .devwheels/q1 and q2: Ray 2.60 (data, serve) and LanceDB 0.40,
 #                                                 installed here for cp312, trimmed and xz-compressed (~95 MB in two
-#                                                 parts; about 4 minutes on 2 cores)
+#                                                 parts; about 4 minutes on 2 cores), and py-spy in q2
 # The GPU image has torch 2.11 and transformers 5.17 but no pydantic, Ray or LanceDB. One call carries at most
 # 64 MiB, so the Ray pack travels in two parts: q1 with the bench call (device_run.sh stashes it in /tmp/rk),
 # q2 with the next call on the same warm machine (device_ray.sh joins and unpacks them). Compared with
@@ -46,6 +46,9 @@ if [ "${1:-}" = --ray ]; then
   grep -qx '/.devwheels/' .git/info/exclude 2>/dev/null || echo '/.devwheels/' >>.git/info/exclude
   head -c 44M "$work/ray.tar.xz" >.devwheels/q1/part.0
   tail -c +$((44 * 1024 * 1024 + 1)) "$work/ray.tar.xz" >.devwheels/q2/part.1
+  # py-spy for device_serve_profile.sh (3 MB, a static binary in a wheel)
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --no-deps $target -d .devwheels/q2 "py-spy>=0.4"
   rm -rf "$work"
   ls -la .devwheels/q1 .devwheels/q2
 fi
