@@ -269,13 +269,14 @@ def run_levels(
             batches = after["batches"] - before["batches"]
             summary["server_batches"] = batches
             summary["server_mean_batch"] = (after["batched_items"] - before["batched_items"]) / batches
+            summary["server_batches_per_s"] = batches / summary["wall_s"]  # the model replicas' step rate
             summary["device"] = after.get("device")
         rows.append(summary)
         print(format_row(summary), flush=True)
         if "server_batches" in summary:
             print(
-                f"      server: {summary['server_batches']} batches, {summary['server_mean_batch']:.1f} items "
-                f"each on average, on {summary['device']}",
+                f"      server: {summary['server_batches']} batches ({summary['server_batches_per_s']:.1f}/s), "
+                f"{summary['server_mean_batch']:.1f} items each on average, on {summary['device']}",
                 flush=True,
             )
         if "cpu_ms_per_request" in summary:

@@ -36,5 +36,8 @@ def test_a_high_throughput_run_reports_every_level_through_haproxy(tmp_path):
     assert report["speedup"] == pytest.approx(
         report["rows"][1]["requests_per_s"] / report["rows"][0]["requests_per_s"]
     )
+    for row in report["rows"]:  # the model's step rate: its batches over the level's wall time
+        assert row["server_batches_per_s"] == pytest.approx(row["server_batches"] / row["wall_s"])
+    assert sum("batches (" in line and "/s)" in line for line in result.stdout.splitlines()) == 2
     cpu_lines = [line for line in result.stdout.splitlines() if "cpu ms/request" in line]
     assert len(cpu_lines) == 2 and all("haproxy" in line and "ingress" in line for line in cpu_lines)
