@@ -14,15 +14,8 @@ OUT=${OUT:-/tmp/ray-out}
 mkdir -p "$OUT"
 began=$(date +%s)
 elapsed() { echo $(( $(date +%s) - began )); }
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  mkdir -p /tmp/rk /tmp/site && cp .devwheels/q2/part.* /tmp/rk/
-  cat /tmp/rk/part.0 /tmp/rk/part.1 | xz -d | tar xf - -C /tmp/site || { echo "the Ray pack is incomplete"; exit 1; }
-  export PATH=/tmp/site/bin:$PATH
-fi
-if ls .whl/fix/*.whl >/dev/null 2>&1; then  # wheels that replace the image's own (grpcio for Serve's reflection)
-  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .whl/fix/*.whl >/dev/null 2>&1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+# shellcheck source=benchmarks/device_ray_env.sh
+source benchmarks/device_ray_env.sh
 python3 -c "import ray, lancedb, transformers; print('ray', ray.__version__, '| lancedb', lancedb.__version__, \
 '| transformers', transformers.__version__)" 2>&1 | tee "$OUT/ray_env.txt"
 

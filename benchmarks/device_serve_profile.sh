@@ -14,16 +14,14 @@ OUT=${OUT:-/tmp/profile-out}
 mkdir -p "$OUT"
 began=$(date +%s)
 elapsed() { echo $(( $(date +%s) - began )); }
+# shellcheck source=benchmarks/device_ray_env.sh
+source benchmarks/device_ray_env.sh
 SPY=py-spy
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  mkdir -p /tmp/rk /tmp/site && cp .devwheels/q2/part.* /tmp/rk/
-  cat /tmp/rk/part.0 /tmp/rk/part.1 | xz -d | tar xf - -C /tmp/site || { echo "the Ray pack is incomplete"; exit 1; }
   python3 -m pip install -q --no-deps --no-index --target /tmp/pyspy .devwheels/q2/py_spy-*.whl >/dev/null 2>&1 \
     || { echo "no py-spy wheel in .devwheels/q2 (bash benchmarks/device_prepare.sh --ray)"; exit 1; }
   SPY=/tmp/pyspy/bin/py-spy
-  export PATH=/tmp/site/bin:$PATH
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 SHAPE=${SHAPE:-2b}
 conc=${PROFILE_CONCURRENCY:-8}
 echo "== [$(elapsed) s] load test, $SHAPE, concurrency $conc for 30 s ${PROFILE_ARGS:-} =="
