@@ -125,7 +125,8 @@ def describe_image_source(image: Any) -> str:
 
 
 def load_image(image: Any, max_image_pixels: int, index: int | None = None):
-    """Decode an image source into an RGB PIL image with EXIF orientation applied.
+    """Decode an image source into an RGB PIL image with EXIF orientation applied (transparency composited
+    on white, see `to_rgb`).
 
     Images whose header declares more than `max_image_pixels` pixels are refused before their pixels are
     decoded, so a decompression bomb costs neither memory nor time.
@@ -158,9 +159,7 @@ def load_image(image: Any, max_image_pixels: int, index: int | None = None):
                 f"cannot decode image {describe_image_source(image)}: {exc}", index
             ) from exc
     try:
-        img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError) as exc:
         raise ImageDecodeError(
             f"cannot convert image {describe_image_source(image)} to RGB: {exc}", index
@@ -168,6 +167,19 @@ def load_image(image: Any, max_image_pixels: int, index: int | None = None):
     if img.width < 1 or img.height < 1:
         raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})", index)
     return img
+
+
+def to_rgb(img):
+    """RGB pixels. An RGBA image is composited on white, exactly as the official Qwen3-VL-Embedding
+    preprocessing does (`qwen_vl_utils.fetch_image`): its transparent pixels become white instead of whatever
+    colour lies under them. Other modes convert as PIL converts them (also as the official code does)."""
+    from PIL import Image
+
+    if img.mode == "RGBA":
+        white = Image.new("RGB", img.size, (255, 255, 255))
+        white.paste(img, mask=img.getchannel("A"))
+        return white
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _too_large(width: int, height: int, limit: int) -> str:
