@@ -13,7 +13,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.recipes import RECIPES, RecipeName
+from pipelines.recipes import RECIPES, RecipeName, normalize_instruction, recipe_for_model
 
 Pooling = Literal["mean", "cls", "max", "last"]
 PaddingSide = Literal["left", "right"]
@@ -24,6 +24,10 @@ AttentionLayout = Literal["padded", "packed"]
 VarlenAttention = Literal["auto", "flash", "flex", "sdpa"]
 
 TINY_MODEL = "tiny"
+# The built-in offline checkpoints (`pipelines.tiny_model`), by name: `tiny` stands for an Instruct checkpoint,
+# `tiny-embedding` for a Qwen3-VL-Embedding one (its tokenizer appends <|endoftext|>), `tiny-reranker` for a
+# Qwen3-VL-Reranker one.
+TINY_MODELS = {TINY_MODEL: "instruct", "tiny-embedding": "embedding", "tiny-reranker": "reranker"}
 
 
 class StrictModel(BaseModel):
@@ -50,7 +54,12 @@ class EmbedderConfig(StrictModel):
         description="A hub id (e.g. Qwen/Qwen3-VL-2B-Instruct), a local checkpoint directory, or 'tiny' for the "
         "built-in offline random checkpoint (built on first use).",
     )
-    recipe: RecipeName = Field(default="instruct-mean", description="Prompt format and pooling defaults.")
+    recipe: RecipeName | Literal["auto"] = Field(
+        default="auto",
+        description="Prompt format and pooling defaults. auto: qwen3-vl-embedding for Qwen3-VL-Embedding "
+        "checkpoints (by hub id or directory name, and tiny-embedding), instruct-mean otherwise; the "
+        "validated config always holds the recipe it picked.",
+    )
     pooling: Pooling | None = Field(default=None, description="Pooling over tokens; default: the recipe's.")
     layer: int | None = Field(
         default=None,
@@ -62,7 +71,14 @@ class EmbedderConfig(StrictModel):
         default=None, ge=1, description="Keep the first D dimensions (Matryoshka), then re-normalise."
     )
     instruction: str | None = Field(
-        default=None, description="System instruction (qwen3-vl-embedding only); default: the recipe's."
+        default=None,
+        description="The instruction documents are embedded with (qwen3-vl-embedding only; the backfill, "
+        "/v1/embeddings); default: the recipe's. Stripped, and given a '.' unless it ends in punctuation.",
+    )
+    query_instruction: str | None = Field(
+        default=None,
+        description="The instruction queries are embedded with (qwen3-vl-embedding only; search, /search, "
+        "input_type=query); default: the recipe's ('Retrieve images or text relevant to the user's query.').",
     )
     padding_side: PaddingSide | None = Field(
         default=None, description="Batch padding side; default: the recipe's."
@@ -75,11 +91,17 @@ class EmbedderConfig(StrictModel):
         description="bitsandbytes 4-bit or 8-bit weights; fp8: float8 weights and activations in the decoder "
         "layers' matmuls (torch._scaled_mm; Ada/Hopper GPUs; converts the given model's layers in place).",
     )
-    min_pixels: int = Field(
-        default=64 * 64, ge=1, description="Smaller images are upscaled to at least this."
+    min_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Smaller images are upscaled to at least this many pixels; default: the recipe's "
+        "(qwen3-vl-embedding: the official 4*32*32; instruct-mean: 64*64).",
     )
-    max_pixels: int = Field(
-        default=1280 * 32 * 32, ge=1, description="Larger images are downscaled to at most this many pixels."
+    max_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Larger images are downscaled to at most this many pixels; default: the recipe's "
+        "(qwen3-vl-embedding: the official 1800*32*32; instruct-mean: 1280*32*32).",
     )
     max_image_pixels: int = Field(
         default=100_000_000,
@@ -110,14 +132,27 @@ class EmbedderConfig(StrictModel):
         "reused by every layer; costs seconds to minutes at start, see benchmarks/NOTES.md).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_recipe(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe", "auto") in ("auto", None):
+            data = {**data, "recipe": recipe_for_model(str(data.get("model") or TINY_MODEL))}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.compile and self.attention_layout != "packed":
             raise ValueError("compile=True needs attention_layout='packed'")
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
-        if self.instruction is not None and not RECIPES[self.recipe].uses_instruction:
-            raise ValueError(f"recipe {self.recipe!r} takes no instruction")
+        if self.resolved_min_pixels > self.resolved_max_pixels:
+            raise ValueError(
+                f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"
+            )
+        for name in ("instruction", "query_instruction"):
+            value = getattr(self, name)
+            if value is not None and not RECIPES[self.recipe].uses_instruction:
+                raise ValueError(f"recipe {self.recipe!r} takes no {name.replace('_', ' ')}")
+            if value is not None and not value.strip():
+                raise ValueError(f"{name} is blank; leave it out for the recipe's default")
         return self
 
     @property
@@ -134,8 +169,27 @@ class EmbedderConfig(StrictModel):
 
     @property
     def resolved_instruction(self) -> str | None:
+        """The document instruction as it enters the prompt (normalised like the official code's)."""
         recipe = RECIPES[self.recipe]
-        return self.instruction if self.instruction is not None else recipe.default_instruction
+        return normalize_instruction(self.instruction or recipe.default_instruction)
+
+    @property
+    def resolved_query_instruction(self) -> str | None:
+        """The query instruction as it enters the prompt (normalised like the official code's)."""
+        recipe = RECIPES[self.recipe]
+        return normalize_instruction(self.query_instruction or recipe.default_query_instruction)
+
+    @property
+    def resolved_min_pixels(self) -> int:
+        return self.min_pixels if self.min_pixels is not None else RECIPES[self.recipe].min_pixels
+
+    @property
+    def resolved_max_pixels(self) -> int:
+        return self.max_pixels if self.max_pixels is not None else RECIPES[self.recipe].max_pixels
+
+    @property
+    def recipe_version(self) -> int:
+        return RECIPES[self.recipe].version
 
     def signature(self) -> dict[str, Any]:
         """What a vector depends on: stored with every table and checked before appending or querying."""
@@ -147,8 +201,9 @@ class EmbedderConfig(StrictModel):
             "normalize": self.normalize,
             "dimensions": self.dimensions,
             "instruction": self.resolved_instruction,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
+            "query_instruction": self.resolved_query_instruction,
+            "min_pixels": self.resolved_min_pixels,
+            "max_pixels": self.resolved_max_pixels,
             "max_length": self.max_length,
         }
 

@@ -135,9 +135,10 @@ class Embedder:
 
     # -- the three steps ---------------------------------------------------------------------------------
 
-    def prepare(self, item: Any, index: int | None = None) -> PreparedItem:
-        """CPU: check, decode and tokenize one item (raises an `ItemError` naming the item)."""
-        return self.preparer.prepare(item, index)
+    def prepare(self, item: Any, index: int | None = None, *, query: bool = False) -> PreparedItem:
+        """CPU: check, decode and tokenize one item (raises an `ItemError` naming the item); `query`: with the
+        recipe's query instruction instead of the document one."""
+        return self.preparer.prepare(item, index, query=query)
 
     def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
         """GPU: pooled hidden states (float32, on the model's device) for one batch of prepared items."""
@@ -191,17 +192,32 @@ class Embedder:
         self.embed_batch(["warm up", "a somewhat longer text to warm up the embedder with"])
         return time.perf_counter() - start
 
-    def embed_batch(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
-        """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises on the first bad item."""
-        prepared = [self.prepare(item, index) for index, item in enumerate(items)]
+    def embed_batch(
+        self, items: Iterable[Any], batch_size: int | None = None, *, query: bool = False
+    ) -> np.ndarray:
+        """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises on the first bad item.
+        Documents by default; `query=True` (or `embed_queries`) embeds with the query instruction."""
+        prepared = [self.prepare(item, index, query=query) for index, item in enumerate(items)]
         return self.embed_prepared(prepared, batch_size)
 
-    def try_embed_batch(self, items: Iterable[Any], batch_size: int | None = None) -> BatchResult:
+    def embed_queries(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
+        """Vectors for search queries: with the recipe's query instruction (qwen3-vl-embedding: "Retrieve images
+        or text relevant to the user's query."), as the official README embeds queries."""
+        return self.embed_batch(items, batch_size, query=True)
+
+    def embed_query(self, text: str | None = None, image: Any = None) -> np.ndarray:
+        """One query vector for a text, an image, or both."""
+        item = {key: value for key, value in (("text", text), ("image", image)) if value is not None}
+        return self.embed_queries([item or text])[0]
+
+    def try_embed_batch(
+        self, items: Iterable[Any], batch_size: int | None = None, *, query: bool = False
+    ) -> BatchResult:
         """Like `embed_batch`, but bad items are returned as errors instead of raised."""
         prepared, indices, errors = [], [], []
         for index, item in enumerate(items):
             try:
-                prepared.append(self.prepare(item, index))
+                prepared.append(self.prepare(item, index, query=query))
                 indices.append(index)
             except ItemError as exc:
                 errors.append(exc if exc.index == index else exc.at(index))

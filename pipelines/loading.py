@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import TINY_MODEL
+from pipelines.config import TINY_MODELS
 from pipelines.recipes import IMAGE_PAD
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", IMAGE_PAD)
@@ -28,18 +28,20 @@ def cache_home() -> Path:
 
 
 def resolve_model_source(model: str) -> str:
-    """'tiny' becomes the built-in offline checkpoint (built on first use); anything else is returned as given."""
-    if model != TINY_MODEL:
+    """'tiny', 'tiny-embedding' and 'tiny-reranker' become the built-in offline checkpoints (built on first
+    use, `pipelines.tiny_model`); anything else is returned as given."""
+    if model not in TINY_MODELS:
         looks_like_path = model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
         if looks_like_path and not (Path(model).expanduser() / "config.json").exists():
             raise ModelLoadError(f"{model}: not a checkpoint directory (no config.json there)")
         return str(Path(model).expanduser()) if looks_like_path else model
-    from pipelines.tiny_model import make_tiny_model
+    from pipelines.tiny_model import BUILD_VERSION, make_tiny_model
 
-    path = cache_home() / "tiny-qwen3-vl"
+    flavour = TINY_MODELS[model]
+    path = cache_home() / f"tiny-qwen3-vl-{flavour}-v{BUILD_VERSION}"
     if not (path / "config.json").exists():
         with contextlib.suppress(FileExistsError):  # built concurrently by another process: same files
-            make_tiny_model(path)
+            make_tiny_model(path, flavour=flavour)
     return str(path)
 
 

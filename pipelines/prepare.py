@@ -20,7 +20,7 @@ from pipelines.items import (
     load_image,
     parse_item,
 )
-from pipelines.recipes import IMAGE_PAD, format_prompt
+from pipelines.recipes import IMAGE_PAD, RECIPES, format_prompt, normalize_instruction
 
 
 @dataclass
@@ -103,7 +103,15 @@ def mrope_position_ids(
 
 
 class Preparer:
-    """Turns items into `PreparedItem`s with one recipe's prompt format and one model's tokenizer and images."""
+    """Turns items into `PreparedItem`s with one recipe's prompt format and one model's tokenizer and images.
+
+    Token ids are what the tokenizer gives for the whole prompt with the recipe's special-token setting (for
+    qwen3-vl-embedding: on, as the official code tokenizes), ending in exactly one `end_token` where the recipe
+    has one. A sequence over `max_length` loses non-special tokens from the end of its head (the item's text)
+    while every special token is kept (the official `_truncate_tokens` rule) and the prompt's tail is kept
+    whole, so the template and the final token survive. The prompt is tokenized with one `<|image_pad|>` that
+    is then repeated once per merged image patch, as the processor does; image tokens are special, never cut.
+    """
 
     def __init__(
         self,
@@ -116,17 +124,28 @@ class Preparer:
         max_pixels: int,
         max_image_pixels: int,
         max_length: int,
+        query_instruction: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.recipe = recipe
         self.instruction = instruction
+        self.query_instruction = query_instruction
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.max_image_pixels = max_image_pixels
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge_size = int(image_processor.merge_size) if image_processor is not None else 2
+        spec = RECIPES[recipe]
+        self._prefix, self._suffix = special_tokens_added(tokenizer) if spec.special_tokens else ([], [])
+        if spec.end_token is not None:
+            end = known_token_id(tokenizer, spec.end_token)
+            if not self._suffix or self._suffix[-1] != end:
+                self._suffix = [*self._suffix, end]
+        tail = self._encode(spec.tail) if spec.tail else []
+        self._kept_tail = len(tail) + len(self._suffix)
+        self._special_ids = {*tokenizer.all_special_ids, self.image_token_id}
 
     @classmethod
     def for_config(cls, config, tokenizer, image_processor) -> Preparer:
@@ -136,23 +155,25 @@ class Preparer:
             image_processor,
             recipe=config.recipe,
             instruction=config.resolved_instruction,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
+            query_instruction=config.resolved_query_instruction,
+            min_pixels=config.resolved_min_pixels,
+            max_pixels=config.resolved_max_pixels,
             max_image_pixels=config.max_image_pixels,
             max_length=config.max_length,
         )
 
-    def prepare(self, item: Any, index: int | None = None) -> PreparedItem:
-        """Check, decode and tokenize one item. Raises an `ItemError` subclass naming the item if it is bad."""
+    def prepare(self, item: Any, index: int | None = None, *, query: bool = False) -> PreparedItem:
+        """Check, decode and tokenize one item; `query`: with the query instruction instead of the document
+        one (an item's own instruction wins over both). Raises an `ItemError` naming the item if it is bad."""
         item = parse_item(item, index)
         pixel_values = grid = None
         if item.image is not None:
             pixel_values, grid = self._image_patches(item, index)
-        instruction = item.instruction if item.instruction is not None else self.instruction
-        text, truncated = item.text, False
-        ids = self._tokenize(text, pixel_values is not None, instruction, grid)
-        if len(ids) > self.max_length:
-            ids, truncated = self._truncate(item, instruction, grid, index), True
+        instruction = self.instruction_for(item, query)
+        ids = self._tokenize(item.text, pixel_values is not None, instruction, grid)
+        truncated = len(ids) > self.max_length
+        if truncated:
+            ids = self._truncate(ids, item, instruction, grid, index)
         return PreparedItem(
             input_ids=ids,
             position_ids=mrope_position_ids(ids, self.image_token_id, grid, self.merge_size),
@@ -162,14 +183,25 @@ class Preparer:
             truncated=truncated,
         )
 
-    def prompt(self, item: Item) -> str:
+    def instruction_for(self, item: Item, query: bool = False) -> str | None:
+        """The instruction an item is embedded with, as it enters the prompt."""
+        if item.instruction is not None:
+            return normalize_instruction(item.instruction)
+        return self.query_instruction if query else self.instruction
+
+    def prompt(self, item: Item, query: bool = False) -> str:
         """The prompt string of an item, with a single <|image_pad|> standing for its image."""
-        instruction = item.instruction if item.instruction is not None else self.instruction
-        return format_prompt(self.recipe, item.text, item.image is not None, instruction)
+        return format_prompt(
+            self.recipe, item.text, item.image is not None, self.instruction_for(item, query)
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        # verbose=False: no "longer than the specified maximum sequence length" warning for texts we truncate
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _tokenize(self, text: str | None, has_image: bool, instruction: str | None, grid) -> np.ndarray:
         prompt = format_prompt(self.recipe, text, has_image, instruction)
-        ids = np.asarray(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], np.int64)
+        ids = np.asarray([*self._prefix, *self._encode(prompt), *self._suffix], np.int64)
         if not has_image:
             return ids
         n_image_tokens = int(np.prod(grid)) // (self.merge_size**2)
@@ -178,22 +210,19 @@ class Preparer:
             [ids[:at], np.full(n_image_tokens, self.image_token_id, np.int64), ids[at + 1 :]]
         )
 
-    def _truncate(self, item: Item, instruction: str | None, grid, index: int | None) -> np.ndarray:
-        """Shorten the item's own text (never the template or the image) until the sequence fits."""
-        has_image = item.image is not None
-        fixed = len(self._tokenize(None, has_image, instruction, grid)) if item.text is not None else 0
-        text_ids = self.tokenizer(item.text or "", add_special_tokens=False)["input_ids"]
-        keep = self.max_length - fixed
-        while keep > 0:
-            text = self.tokenizer.decode(text_ids[:keep])
-            ids = self._tokenize(text, has_image, instruction, grid) if text.strip() else None
-            if ids is not None and len(ids) <= self.max_length:
-                return ids
-            keep -= max(1, (len(ids) - self.max_length) if ids is not None else 1)
-        raise TooLongError(
-            f"the prompt without its text already takes {fixed} tokens, over max_length={self.max_length}",
-            index,
-        )
+    def _truncate(
+        self, ids: np.ndarray, item: Item, instruction: str | None, grid, index: int | None
+    ) -> np.ndarray:
+        """Drop the item's own text tokens from the end (never the template, its tail or the image)."""
+        fixed = len(self._tokenize(None, item.image is not None, instruction, grid))
+        if fixed > self.max_length:
+            raise TooLongError(
+                f"the prompt without its text already takes {fixed} tokens, over max_length={self.max_length}",
+                index,
+            )
+        cut = len(ids) - self._kept_tail
+        head = keep_special_tokens_truncate(ids[:cut], self.max_length - self._kept_tail, self._special_ids)
+        return np.concatenate([head, ids[cut:]])
 
     def _image_patches(self, item: Item, index: int | None) -> tuple[np.ndarray, np.ndarray]:
         if self.image_processor is None:
@@ -214,3 +243,34 @@ class Preparer:
         pixel_values = np.asarray(out["pixel_values"], np.float32)
         grid = np.asarray(out["image_grid_thw"], np.int64).reshape(-1)[:3]
         return pixel_values, grid
+
+
+def keep_special_tokens_truncate(ids: np.ndarray, max_length: int, special_ids: set[int]) -> np.ndarray:
+    """The official `_truncate_tokens` rule: keep every special token, and the first non-special ones up to
+    `max_length` in all; the others (the end of the text) are dropped."""
+    if len(ids) <= max_length:
+        return ids
+    special = np.isin(ids, np.fromiter(special_ids, np.int64))
+    budget = max(0, max_length - int(special.sum()))
+    keep = special | (np.cumsum(~special) <= budget)
+    return ids[keep]
+
+
+def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens a tokenizer puts before and after a sequence when special tokens are on (its
+    post-processor: none for Qwen3-VL Instruct checkpoints, <|endoftext|> after it for the embedding ones)."""
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare) :])
+    raise ValueError("cannot tell which special tokens this tokenizer adds around a sequence")
+
+
+def known_token_id(tokenizer, token: str) -> int:
+    """The id of a token the tokenizer must have in its vocabulary."""
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {token} token: is it a Qwen3-VL tokenizer?")
+    return int(token_id)

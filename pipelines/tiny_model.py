@@ -5,6 +5,13 @@ layers and a vision tower with deepstack), a byte-level BPE tokenizer trained he
 with Qwen's special tokens and a Qwen-style chat template, and the Qwen2-VL/Qwen3-VL image processor with patch,
 merge and pixel bounds matching the vision config. It is saved with `save_pretrained`, so loading it goes
 through the same `from_pretrained` calls as a hub id. The same arguments give byte-identical files.
+
+Three flavours stand for the three kinds of released checkpoint:
+- `instruct`: like `Qwen/Qwen3-VL-2B-Instruct`; its tokenizer adds no special tokens.
+- `embedding`: like `Qwen/Qwen3-VL-Embedding-2B`, whose tokenizer's post-processor appends `<|endoftext|>`
+  whenever special tokens are on (the token the official code pools).
+- `reranker`: like `Qwen/Qwen3-VL-Reranker-8B`: an LM head of its own (not tied to the token embeddings), so a
+  test can tell the two apart, and "yes"/"no" single tokens in the vocabulary (the score is read off their rows).
 """
 
 from __future__ import annotations
@@ -13,6 +20,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
+
+Flavour = Literal["instruct", "embedding", "reranker"]
+FLAVOURS: tuple[str, ...] = ("instruct", "embedding", "reranker")
+# Bumped whenever the files a flavour builds change, so that a cached checkpoint of an older build is not reused.
+BUILD_VERSION = 2
+END_OF_TEXT = "<|endoftext|>"
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -141,11 +155,14 @@ def training_corpus() -> list[str]:
                 lines.append(f"{subject.capitalize()} {verb} {obj} {extra}")
     lines += [f"Number {n} and {n * 7 % 1000}: {'x' * (n % 5)}{chr(65 + n % 26)}" for n in range(300)]
     lines += ["def embed(items):\n    return [vector(x) for x in items]\n", "A photo of a {color} {shape}."]
+    # the reranker's answers, at the start of a line as they follow "assistant\n": single tokens "yes" and "no"
+    lines += ["yes", "no", "yes.", "no."] * 50
     return lines
 
 
-def build_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A Qwen2-style byte-level BPE tokenizer trained on `training_corpus()`, with Qwen's special tokens."""
+def build_tokenizer(vocab_size: int = VOCAB_SIZE, flavour: Flavour = "instruct"):
+    """A Qwen2-style byte-level BPE tokenizer trained on `training_corpus()`, with Qwen's special tokens; the
+    embedding flavour's post-processor appends `<|endoftext|>` when special tokens are on."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
@@ -171,7 +188,20 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     )
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
     tokenizer.chat_template = CHAT_TEMPLATE
+    if flavour == "embedding":
+        _append_end_of_text(tokenizer)
     return tokenizer
+
+
+def _append_end_of_text(tokenizer) -> None:
+    """Make the tokenizer append `<|endoftext|>` to every sequence when special tokens are on (a
+    TemplateProcessing post-processor, saved in tokenizer.json like the released embedding checkpoints')."""
+    from tokenizers import processors
+
+    end = (END_OF_TEXT, tokenizer.convert_tokens_to_ids(END_OF_TEXT))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {END_OF_TEXT}", pair=f"$A $B {END_OF_TEXT}", special_tokens=[end]
+    )
 
 
 def build_image_processor():
@@ -188,7 +218,7 @@ def build_image_processor():
     )
 
 
-def build_config(tokenizer, initializer_range: float = 0.1):
+def build_config(tokenizer, initializer_range: float = 0.1, tie_word_embeddings: bool = True):
     from transformers import Qwen3VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
@@ -208,7 +238,7 @@ def build_config(tokenizer, initializer_range: float = 0.1):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -231,8 +261,12 @@ def _video_processor_config(image_processor) -> dict:
     }
 
 
-def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build the tiny checkpoint into `output_dir` and return its path."""
+def make_tiny_model(
+    output_dir: str | Path, seed: int = 0, overwrite: bool = False, flavour: Flavour = "instruct"
+) -> Path:
+    """Build the tiny checkpoint of a flavour (`instruct`, `embedding`, `reranker`) into `output_dir`."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
@@ -243,9 +277,9 @@ def make_tiny_model(output_dir: str | Path, seed: int = 0, overwrite: bool = Fal
     import torch  # after the cheap checks: these imports take seconds
     from transformers import Qwen3VLForConditionalGeneration
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(flavour=flavour)
     image_processor = build_image_processor()
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, tie_word_embeddings=flavour != "reranker")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(config).eval()

@@ -30,6 +30,22 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_embedding_dir(tmp_path_factory):
+    """The embedding flavour: its tokenizer appends <|endoftext|>, like Qwen3-VL-Embedding's."""
+    from pipelines.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-embedding", flavour="embedding")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory):
+    """The reranker flavour: an LM head of its own, "yes" and "no" tokens, like Qwen3-VL-Reranker's."""
+    from pipelines.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-reranker", seed=7, flavour="reranker")
+
+
+@pytest.fixture(scope="session")
 def embedder(tiny_model_dir):
     from pipelines.embedder import Embedder
 

@@ -60,7 +60,7 @@ def test_qwen3_vl_embedding_recipe_matches_the_plain_forward(generation_model, p
         "<|im_start|>system\nRepresent the user's input.<|im_end|>\n<|im_start|>user\n"
         + (VISION if image is not None else "")
         + text
-        + "<|im_end|>\n<|im_start|>assistant\n"
+        + "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"
     )
     expected = reference_embedding(
         generation_model, reference_inputs(*processor_parts, prompt, image), -1, "last"

@@ -81,9 +81,9 @@ def test_an_image_of_absurd_aspect_ratio_is_a_clear_error(embedder):
 def test_large_images_are_bounded_by_max_pixels(embedder):
     prepared = embedder.prepare({"image": make_image(0, (1600, 1200))})
     tokens = int(prepared.image_grid_thw.prod()) // 4
-    assert tokens * 32 * 32 <= embedder.config.max_pixels
+    assert tokens * 32 * 32 <= embedder.config.resolved_max_pixels
     small = embedder.prepare({"image": make_image(0, (8, 8))})
-    assert int(small.image_grid_thw.prod()) * 16 * 16 >= embedder.config.min_pixels
+    assert int(small.image_grid_thw.prod()) * 16 * 16 >= embedder.config.resolved_min_pixels
 
 
 def test_too_long_text_is_truncated_and_flagged(tiny_model_dir):
@@ -93,8 +93,15 @@ def test_too_long_text_is_truncated_and_flagged(tiny_model_dir):
         str(tiny_model_dir), device="cpu", max_length=48, recipe="qwen3-vl-embedding", instruction="Go"
     )
     prepared = short.prepare("word " * 200)
-    assert prepared.truncated and 40 <= prepared.num_tokens <= 48
-    assert short.tokenizer.decode(prepared.input_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert prepared.truncated and prepared.num_tokens == 48
+    head, tail = (
+        "<|im_start|>system\nGo.<|im_end|>\n<|im_start|>user\n",
+        "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>",
+    )
+    decoded = short.tokenizer.decode(prepared.input_ids)
+    assert decoded.startswith(head) and decoded.endswith(tail)  # the template and the final token survive
+    kept = decoded[len(head) : -len(tail)]
+    assert len(kept) > 20 and ("word " * 200).startswith(kept)  # the text lost its end, token by token
     with pytest.raises(TooLongError, match="max_length=16"):
         Embedder.load(str(tiny_model_dir), device="cpu", max_length=16).prepare(
             {"text": "x", "image": make_image(0, (256, 256))}
