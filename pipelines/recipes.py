@@ -96,6 +96,13 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# What each superseded version of a recipe did differently, for the message that refuses its tables.
+SUPERSEDED: dict[tuple[str, int], str] = {
+    ("qwen3-vl-embedding", 1): "it pooled the '\\n' after 'assistant' instead of the official <|endoftext|>, "
+    "and embedded queries without the query instruction",
+}
+
+
 def recipe_for_model(model: str) -> RecipeName:
     """The recipe `recipe: auto` picks: qwen3-vl-embedding for Qwen3-VL-Embedding checkpoints (by hub id or
     directory name, and the built-in `tiny-embedding`), instruct-mean for everything else."""

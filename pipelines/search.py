@@ -2,7 +2,9 @@
 
 The embedder is built from the configuration the table records (`pipelines.table.recorded_embedder_config`),
 so a query always goes through the same model, recipe, pooling, layer and dimension as the corpus; only
-runtime options (device, dtype) may differ.
+runtime options (device, dtype) may differ. Queries are embedded with the recipe's query instruction (the
+table records it; qwen3-vl-embedding: "Retrieve images or text relevant to the user's query."), documents
+were embedded with the document one; `--instruction` replaces the query instruction for one search.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def search(
         item["image"] = image
     if instruction is not None:
         item["instruction"] = instruction
-    vector = embedder.embed_batch([item])[0]
+    vector = embedder.embed_queries([item])[0]
     return search_table(table, vector, top_k=top_k, where=where)
 
 
@@ -78,7 +80,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "--where", metavar="SQL", help="a filter on the table's columns, e.g. \"modality = 'image'\""
     )
     parser.add_argument(
-        "--instruction", help="a query instruction (recipes that take one, e.g. qwen3-vl-embedding)"
+        "--instruction",
+        help="the query's instruction, instead of the one the table records (recipes that take one, e.g. "
+        "qwen3-vl-embedding)",
     )
     parser.add_argument("--device", help="where to run the query embedder (default: auto)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="its precision")

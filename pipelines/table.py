@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.recipes import RECIPES, SUPERSEDED
 
 METADATA_KEY = b"vlm_embed"
 FORMAT_VERSION = 1
@@ -68,6 +69,7 @@ def table_metadata(embedder_config: EmbedderConfig, dimension: int) -> dict[str,
         "format": FORMAT_VERSION,
         "embedder": embedder_config.model_dump(mode="json"),
         "signature": embedder_config.signature(),
+        "recipe_version": embedder_config.recipe_version,
         "dimension": dimension,
     }
 
@@ -96,18 +98,39 @@ def recorded_metadata(table) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def check_recipe_version(table, recorded: dict[str, Any]) -> None:
+    """Refuse a table whose recipe version is not the one this code computes (tables made before versions
+    were recorded are version 1): its vectors and new ones would not be comparable."""
+    recipe = recorded["signature"]["recipe"]
+    theirs = recorded.get("recipe_version", 1)
+    mine = RECIPES[recipe].version if recipe in RECIPES else None
+    if theirs == mine:
+        return
+    what = SUPERSEDED.get((recipe, theirs), "it computes different vectors")
+    raise TableConfigMismatch(
+        f"table {table.name!r} was embedded with version {theirs} of the {recipe!r} recipe, and this vlm-embed "
+        f"computes version {mine} ({what}): its vectors would not be comparable with new ones. Embed the table "
+        "again (vlm-embed backfill --mode overwrite, same sources)"
+    )
+
+
 def recorded_embedder_config(table, **runtime: Any) -> EmbedderConfig:
-    """The embedder configuration the table was built with; `runtime` options (device, dtype, ...) may differ."""
+    """The embedder configuration the table was built with; `runtime` options (device, dtype, ...) may differ.
+    A table of another recipe version is refused (`check_recipe_version`)."""
     unknown = set(runtime) - set(RUNTIME_OPTIONS)
     if unknown:
         raise ValueError(f"only runtime options may be changed for a query, not {sorted(unknown)}")
-    recorded = recorded_metadata(table)["embedder"]
+    metadata = recorded_metadata(table)
+    check_recipe_version(table, metadata)
+    recorded = metadata["embedder"]
     return EmbedderConfig.model_validate({**recorded, **{k: v for k, v in runtime.items() if v is not None}})
 
 
 def check_matches(table, embedder_config: EmbedderConfig, dimension: int) -> None:
-    """Raise `TableConfigMismatch` naming every option that differs from what the table records."""
+    """Raise `TableConfigMismatch` naming every option that differs from what the table records, or when the
+    table's recipe version is not this code's."""
     recorded = recorded_metadata(table)
+    check_recipe_version(table, recorded)
     mine = {**embedder_config.signature(), "dimension": dimension}
     theirs = {**recorded["signature"], "dimension": recorded["dimension"]}
     differences = {

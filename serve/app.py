@@ -222,9 +222,10 @@ class EmbeddingService:
     def serve_config(self) -> ServeConfig:
         return self.config.serve
 
-    async def embed(self, items: list[Any], fields: list[str]) -> tuple[np.ndarray, int]:
-        """Vectors `[n, D]` for checked items and their token count; 422 for a bad item, 503 past the timeout,
-        when the model replicas' queues are full, or when a model replica died with the request."""
+    async def embed(self, items: list[Any], fields: list[str], query: bool = False) -> tuple[np.ndarray, int]:
+        """Vectors `[n, D]` for checked items and their token count (`query`: embedded with the query
+        instruction); 422 for a bad item, 503 past the timeout, when the model replicas' queues are full, or
+        when a model replica died with the request."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
@@ -233,7 +234,9 @@ class EmbeddingService:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields)
+                prepared = await loop.run_in_executor(
+                    self._prepare_pool, self._prepare_all, items, fields, query
+                )
                 vectors = await self._together.submit(prepared)
         except TimeoutError:
             raise overloaded(
@@ -248,11 +251,11 @@ class EmbeddingService:
             ) from None
         return vectors, sum(p.num_tokens for p in prepared)
 
-    def _prepare_all(self, items: list[Any], fields: list[str]) -> list[Any]:
+    def _prepare_all(self, items: list[Any], fields: list[str], query: bool = False) -> list[Any]:
         out = []
         for item, name in zip(items, fields, strict=True):
             try:
-                out.append(self.preparer.prepare(item))
+                out.append(self.preparer.prepare(item, query=query))
             except ItemError as exc:
                 key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
                 raise ApiError(

@@ -85,7 +85,7 @@ def build_api(service) -> FastAPI:
                 code="invalid_value",
             )
         items = parse_inputs(req.input, service.limits)
-        vectors, tokens = await service.embed(items, input_fields(req.input))
+        vectors, tokens = await service.embed(items, input_fields(req.input), query=req.input_type == "query")
         vectors = truncate(vectors, req.dimensions, service.normalize)
         return FastJSONResponse(embedding_response(vectors, req.encoding_format, service.model_name, tokens))
 
@@ -110,7 +110,7 @@ def build_api(service) -> FastAPI:
         }
         item = parse_item(query, service.limits, "")
         plan = await asyncio.to_thread(service.search_table.plan)
-        vectors, tokens = await service.embed([item], [""])
+        vectors, tokens = await service.embed([item], [""], query=True)
         vector = truncate(vectors, plan.dimension, service.normalize)[0]
         rows = await asyncio.to_thread(service.search_table.search, plan, vector, req.top_k, req.filter)
         return FastJSONResponse(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 EncodingFormat = Literal["float", "base64"]
+InputType = Literal["document", "query"]
 
 
 class _Request(BaseModel):
@@ -27,6 +28,11 @@ class EmbeddingRequest(_Request):
     model: StrictStr | None = Field(default=None, description="The served model's name (see /v1/models).")
     dimensions: StrictInt | None = Field(default=None, ge=1, description="Keep the first D dimensions.")
     encoding_format: EncodingFormat = Field(default="float", description="float, or base64 (float32 LE).")
+    input_type: InputType = Field(
+        default="document",
+        description="document: embedded with the document instruction (what the backfill stores); query: with "
+        "the query instruction, for searching such vectors (qwen3-vl-embedding). An item's own instruction wins.",
+    )
     user: StrictStr | None = Field(default=None, description="Accepted for OpenAI compatibility; unused.")
 
 
@@ -36,7 +42,8 @@ class SearchRequest(_Request):
     text: StrictStr | None = Field(default=None, description="The query text.")
     image: StrictStr | None = Field(default=None, description="The query image: base64 or a data URL.")
     instruction: StrictStr | None = Field(
-        default=None, description="A task instruction (qwen3-vl-embedding)."
+        default=None,
+        description="The query's instruction instead of the table's query instruction (qwen3-vl-embedding).",
     )
     top_k: StrictInt = Field(default=10, ge=1, description="How many rows to return.")
     filter: StrictStr | None = Field(

@@ -34,7 +34,7 @@ def tiny_embedding_dir(tmp_path_factory):
     """The embedding flavour: its tokenizer appends <|endoftext|>, like Qwen3-VL-Embedding's."""
     from pipelines.tiny_model import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-embedding", flavour="embedding")
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl-embedding", flavour="embedding")
 
 
 @pytest.fixture(scope="session")

@@ -91,3 +91,63 @@ def test_the_command_reports_a_missing_table_or_an_empty_query_clearly(tmp_path,
     assert "search: error: no table 'vectors' at" in capsys.readouterr().err
     assert main(["search", "--table", str(tmp_path)]) == 2
     assert "nothing to search for" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def embedding_table(tmp_path_factory, tiny_embedding_dir):
+    """A qwen3-vl-embedding table (documents embedded with the document instruction) and its embedder."""
+    from pipelines.embedder import Embedder
+
+    embedder = Embedder.load(str(tiny_embedding_dir), device="cpu", dtype="float32")
+    assert embedder.config.recipe == "qwen3-vl-embedding"  # picked by recipe: auto from the name
+    texts = list(TEXTS.values())
+    vectors = embedder.embed_batch(texts)
+    dim = embedder.get_embedding_dimension()
+    n = len(texts)
+    rows = pa.table(
+        {
+            "id": list(TEXTS),
+            "source": ["test"] * n,
+            "text": texts,
+            "image_uri": [None] * n,
+            "kept": [None] * n,
+            "status": ["ok"] * n,
+            "stage": [None] * n,
+            "reason": [None] * n,
+            "modality": ["text"] * n,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        },
+        schema=output_schema(dim),
+    )
+    config = TableConfig(uri=str(tmp_path_factory.mktemp("embedding-search") / "db"))
+    sink = BackfillSink(config, embedder.config, dim)
+    sink.open()
+    sink.write(rows)
+    sink.close()
+    return config, embedder
+
+
+def test_search_embeds_the_query_with_the_official_query_instruction(embedding_table, tiny_embedding_dir):
+    """The score of each row is the official query vector against the official document vector."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLModel
+
+    from tests.pipelines import official
+
+    config, embedder = embedding_table
+    model = Qwen3VLModel.from_pretrained(tiny_embedding_dir, dtype=torch.float32).eval()
+    processor = official.processor_from_parts(
+        AutoTokenizer.from_pretrained(tiny_embedding_dir),
+        AutoImageProcessor.from_pretrained(tiny_embedding_dir, backend="pil"),
+        padding_side="right",
+    )
+    query = "the sky at night"
+    conversations = [official.embedding_conversation(query, None, official.QUERY_INSTRUCTION)]
+    conversations += [official.embedding_conversation(text) for text in TEXTS.values()]
+    vectors = official.official_embeddings(model, processor, conversations)[0].numpy()
+    expected = dict(zip(TEXTS, vectors[1:] @ vectors[0], strict=True))
+    rows = search(config, query, top_k=3, embedder=embedder)
+    assert {row["id"]: pytest.approx(float(expected[row["id"]]), abs=1e-5) for row in rows} == {
+        row["id"]: row["score"] for row in rows
+    }
+    assert rows[0]["score"] < 0.9999  # a query is not embedded like the document with the same text

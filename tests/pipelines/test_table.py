@@ -68,3 +68,42 @@ def test_search_ranks_by_cosine_and_filters(table):
 def test_a_missing_table_is_a_clear_error(tmp_path):
     with pytest.raises(TableNotFound, match="no table 'vectors'"):
         open_vectors_table(TableConfig(uri=str(tmp_path / "empty")))
+
+
+def _table_recorded_as(tmp_path, config: EmbedderConfig, drop: tuple[str, ...] = ()):
+    """A table whose metadata lacks `drop` keys, as tables written by an older vlm-embed do."""
+    import json
+
+    from pipelines.table import METADATA_KEY, table_metadata
+
+    table_config = TableConfig(uri=str(tmp_path / "old"))
+    metadata = {k: v for k, v in table_metadata(config, 4).items() if k not in drop}
+    schema = vectors_schema(config, 4).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    connect(table_config).create_table(table_config.name, schema=schema)
+    return open_vectors_table(table_config)
+
+
+def test_a_table_of_the_old_qwen3_vl_embedding_recipe_is_refused_with_the_reason(tmp_path):
+    config = EmbedderConfig(recipe="qwen3-vl-embedding")
+    old = _table_recorded_as(tmp_path, config, drop=("recipe_version",))
+    for refuse in (lambda: recorded_embedder_config(old), lambda: check_matches(old, config, 4)):
+        with pytest.raises(TableConfigMismatch, match=r"version 1 of the 'qwen3-vl-embedding' recipe") as err:
+            refuse()
+        assert "<|endoftext|>" in str(err.value) and "--mode overwrite" in str(err.value)
+
+
+def test_an_instruct_mean_table_from_before_recipe_versions_still_works(tmp_path):
+    config = EmbedderConfig(recipe="instruct-mean")
+    old = _table_recorded_as(tmp_path, config, drop=("recipe_version",))
+    assert recorded_embedder_config(old).recipe == "instruct-mean"
+    check_matches(old, config, 4)
+
+
+def test_the_table_records_the_recipe_version_and_both_instructions(tmp_path):
+    from pipelines.table import recorded_metadata
+
+    config = EmbedderConfig(recipe="qwen3-vl-embedding", query_instruction="Find the product")
+    recorded = recorded_metadata(_table_recorded_as(tmp_path, config))
+    assert recorded["recipe_version"] == 2
+    assert recorded["signature"]["instruction"] == "Represent the user's input."
+    assert recorded["signature"]["query_instruction"] == "Find the product."
