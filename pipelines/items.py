@@ -7,7 +7,6 @@ An item is a string (a text), or a dict with `text` and/or `image` (and, for rec
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +128,14 @@ def load_image(image: Any, max_image_pixels: int, index: int | None = None):
     on white, see `to_rgb`).
 
     Images whose header declares more than `max_image_pixels` pixels are refused before their pixels are
-    decoded, so a decompression bomb costs neither memory nor time.
+    decoded, so a decompression bomb costs neither memory nor time; that limit is the one in force, above
+    PIL's own guard as well as below it (`pipelines.image_decoding.pixel_limit`). A truncated file is an
+    `ImageDecodeError` in every format, also where PIL would fill the missing pixels in
+    (`pipelines.image_decoding.truncation`). A PIL image is taken as it is (its pixels already decoded).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from pipelines.image_decoding import PixelLimitExceeded, declared_size_truncation, pixel_limit, truncation
 
     if isinstance(image, Image.Image):
         img = image
@@ -142,19 +146,26 @@ def load_image(image: Any, max_image_pixels: int, index: int | None = None):
         if not data:
             raise ImageDecodeError(f"image {describe_image_source(image)} is empty (0 bytes)", index)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with pixel_limit(max_image_pixels):
                 img = Image.open(io.BytesIO(data))
-                if img.width * img.height > max_image_pixels:
-                    raise ImageTooLargeError(_too_large(img.width, img.height, max_image_pixels), index)
+                short = truncation(data, img.format)
+                if short is not None:
+                    raise ImageDecodeError(
+                        f"image {describe_image_source(image)} is truncated: {short}", index
+                    )
                 img.load()
-        except ImageTooLargeError:
+        except PixelLimitExceeded as exc:
+            raise ImageTooLargeError(_too_large(exc.width, exc.height, max_image_pixels), index) from exc
+        except ImageDecodeError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"image is too large to decode safely ({exc})", index) from exc
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(f"{describe_image_source(image)} is not a readable image", index) from exc
         except (OSError, SyntaxError, ValueError) as exc:
+            short = declared_size_truncation(data)
+            if short is not None:
+                raise ImageDecodeError(
+                    f"image {describe_image_source(image)} is truncated: {short}", index
+                ) from exc
             raise ImageDecodeError(
                 f"cannot decode image {describe_image_source(image)}: {exc}", index
             ) from exc

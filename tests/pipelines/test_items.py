@@ -53,7 +53,7 @@ def test_undecodable_and_truncated_images_are_decode_errors(embedder, tmp_path):
     with pytest.raises(ImageDecodeError, match="notes.jpg is not a readable image"):
         embedder.embed_image(fake)
     data = image_bytes(1, (200, 200), "JPEG")
-    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+    with pytest.raises(ImageDecodeError, match="is truncated"):
         embedder.embed_image(data[: len(data) // 2])
 
 
@@ -69,7 +69,7 @@ def test_an_enormous_image_is_refused_before_it_is_decoded(embedder):
 
     buffer = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buffer, format="PNG")  # 400 Mpx, a few kB on disk
-    with pytest.raises(ImageTooLargeError, match="too large.*400000000 pixels"):
+    with pytest.raises(ImageTooLargeError, match=r"20000x20000 = 400,000,000 pixels, over the limit"):
         embedder.embed_image(buffer.getvalue())
 
 
