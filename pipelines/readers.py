@@ -170,11 +170,14 @@ def _jsonl_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, A
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        raw = line.rstrip("\r\n").encode("utf-8", "surrogateescape")
+        text = line.rstrip("\r\n")  # so an unterminated string is reported as one, not as a control character
+        raw = text.encode("utf-8", "surrogateescape")
         try:
-            value = json.loads(line)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield error_row(source, raw_id(raw), "invalid_json", f"{where}: not valid JSON ({exc.msg})")
+            yield error_row(
+                source, raw_id(raw), "invalid_json", f"{where}: not valid JSON: {_json_problem(exc, number)}"
+            )
             continue
         if isinstance(value, str):
             value = {source.text_column or "text": value}
@@ -187,6 +190,14 @@ def _jsonl_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, A
             yield error_row(source, row_id, "invalid_utf8", f"{where}: the line is {_bad_utf8(raw)}")
         else:
             yield build_row(source, value, base_dir, where)
+
+
+def _json_problem(exc: json.JSONDecodeError, line: int) -> str:
+    """The decoder's message with its position in the file: `invalid control character at line 3, column 12`
+    (its own `msg` stops mid-sentence at "... at")."""
+    message = exc.msg[:1].lower() + exc.msg[1:]
+    at = "" if message.endswith(" at") else " at"
+    return f"{message}{at} line {line}, column {exc.colno}"
 
 
 def _csv_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, Any]]:

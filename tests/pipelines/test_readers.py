@@ -102,3 +102,20 @@ def test_source_columns_are_checked_when_the_config_is_read():
         SourceConfig(kind="jsonl", path="x.jsonl", keep_columns=["vector"])
     with pytest.raises(ValidationError, match="keep_types names columns that are not in keep_columns"):
         SourceConfig(kind="jsonl", path="x.jsonl", keep_types={"year": "int64"})
+
+
+def test_a_malformed_json_line_is_reported_with_its_line_and_column(tmp_path):
+    import io
+
+    from pipelines.readers import _jsonl_rows
+
+    path = str(tmp_path / "x.jsonl")
+    lines = '{"text": "fine"}\n{"text": "a\tb"}\n{"text": "unterminated\n{not json\n'
+    rows = list(_jsonl_rows(SourceConfig(kind="jsonl", path=path), io.StringIO(lines), path))
+    reasons = [row["reason"] for row in rows[1:]]
+    assert reasons == [
+        f"invalid_json: {path}:2: not valid JSON: invalid control character at line 2, column 12",
+        f"invalid_json: {path}:3: not valid JSON: unterminated string starting at line 3, column 10",
+        f"invalid_json: {path}:4: not valid JSON: expecting property name enclosed in double quotes "
+        "at line 4, column 2",
+    ]
