@@ -294,7 +294,8 @@ class EmbedActor:
 def prepare_memory(config: Config) -> int:
     """Bytes one prepare task may hold at its peak: the worker with its tokenizer, and every row an image at
     `max_pixels` as float32 patches."""
-    per_row = config.embedder.resolved_max_pixels * 3 * 2 * 4 + 2**20  # channels x temporal patch x float32, + text
+    # channels x temporal patch x float32, + text
+    per_row = config.embedder.resolved_max_pixels * 3 * 2 * 4 + 2**20
     return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
 
 
