@@ -140,12 +140,14 @@ def run_backfill(config: Config, on_batch: Callable[[int], None] | None = None) 
     state with it)."""
     from pipelines.readers import read_source
     from pipelines.sink import BackfillSink
+    from pipelines.source_check import check_sources
     from pipelines.stages import build_pipeline, done_set
 
     start = time.perf_counter()
     if not config.sources:
         raise ValueError("the config names no sources")
     config = absolute_paths(config, os.getcwd())
+    check_sources(config.sources)  # before Ray starts and before a table is touched: fail in a second
     dimension = embedding_dimension(config.embedder)
     kept = kept_columns(config)
     connect_ray(config.resources)  # before LanceDB starts its threads: Ray forks its processes
