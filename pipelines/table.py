@@ -149,13 +149,16 @@ def search_table(
     table, vector: np.ndarray, top_k: int = 10, where: str | None = None, columns: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """The `top_k` nearest rows by cosine similarity: dicts with `id`, `score` (cosine similarity), `modality`,
-    `text`, `image_uri` and any extra `columns`."""
+    `text`, `image_uri` and any extra `columns`. `where` must be one SQL condition on the table's columns
+    (`pipelines.filters.check_filter`, else `FilterError`): LanceDB would silently drop what follows one."""
+    from pipelines.filters import check_filter
+
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
     wanted = ["id", "modality", "text", "image_uri", *(columns or [])]
     query = table.search(np.asarray(vector, np.float32), vector_column_name="vector").distance_type("cosine")
     if where:
-        query = query.where(where, prefilter=True)
+        query = query.where(check_filter(where, table.schema.names), prefilter=True)
     # refine_factor re-ranks the candidates of an approximate (IVF-PQ) index by their exact distances
     rows = query.select([*wanted, "_distance"]).refine_factor(10).limit(top_k).to_list()
     return [{**{key: row.get(key) for key in wanted}, "score": 1.0 - float(row["_distance"])} for row in rows]
