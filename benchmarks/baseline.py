@@ -51,7 +51,7 @@ def baseline_embed(
         if images:
             pixels = np.concatenate([item.pixel_values for item in images])
             inputs["pixel_values"] = torch.from_numpy(pixels).to(device, dtype)
-            grid = np.stack([item.image_grid_thw for item in images])
+            grid = np.concatenate([item.image_grids for item in images])
             inputs["image_grid_thw"] = torch.from_numpy(grid).to(device)
         out = generation_model(**inputs, output_hidden_states=True)
         last = out.hidden_states[-1].float()

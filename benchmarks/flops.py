@@ -82,7 +82,12 @@ def item_flops(costs: Costs, num_tokens: int, grid_thw: Sequence[int] | None = N
 
 def workload_flops(costs: Costs, items) -> float:
     """Useful FLOPs of prepared items (`pipelines.prepare.PreparedItem`)."""
-    return sum(item_flops(costs, item.num_tokens, item.image_grid_thw) for item in items)
+    total = 0.0
+    for item in items:
+        grids = item.image_grids
+        total += item_flops(costs, item.num_tokens, grids[0] if len(grids) else None)
+        total += sum(item_flops(costs, 0, grid) for grid in grids[1:])  # the vision tower of further images
+    return total
 
 
 def matmul_ceiling(device, dtype, size: int | None = None, repeats: int = 10) -> dict:

@@ -13,7 +13,15 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.recipes import RECIPES, RecipeName, normalize_instruction, recipe_for_model
+from pipelines.recipes import (
+    DEFAULT_RERANK_INSTRUCTION,
+    OFFICIAL_MAX_PIXELS,
+    OFFICIAL_MIN_PIXELS,
+    RECIPES,
+    RecipeName,
+    normalize_instruction,
+    recipe_for_model,
+)
 
 Pooling = Literal["mean", "cls", "max", "last"]
 PaddingSide = Literal["left", "right"]
@@ -27,7 +35,8 @@ TINY_MODEL = "tiny"
 # The built-in offline checkpoints (`pipelines.tiny_model`), by name: `tiny` stands for an Instruct checkpoint,
 # `tiny-embedding` for a Qwen3-VL-Embedding one (its tokenizer appends <|endoftext|>), `tiny-reranker` for a
 # Qwen3-VL-Reranker one.
-TINY_MODELS = {TINY_MODEL: "instruct", "tiny-embedding": "embedding", "tiny-reranker": "reranker"}
+TINY_RERANKER = "tiny-reranker"
+TINY_MODELS = {TINY_MODEL: "instruct", "tiny-embedding": "embedding", TINY_RERANKER: "reranker"}
 
 
 class StrictModel(BaseModel):
@@ -46,42 +55,13 @@ class StrictModel(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-class EmbedderConfig(StrictModel):
-    """How to load the model and how an item becomes a vector."""
+class ModelOptions(StrictModel):
+    """Which checkpoint to load and how to run it: the options the embedder and the reranker share."""
 
     model: str = Field(
         default=TINY_MODEL,
         description="A hub id (e.g. Qwen/Qwen3-VL-2B-Instruct), a local checkpoint directory, or 'tiny' for the "
         "built-in offline random checkpoint (built on first use).",
-    )
-    recipe: RecipeName | Literal["auto"] = Field(
-        default="auto",
-        description="Prompt format and pooling defaults. auto: qwen3-vl-embedding for Qwen3-VL-Embedding "
-        "checkpoints (by hub id or directory name, and tiny-embedding), instruct-mean otherwise; the "
-        "validated config always holds the recipe it picked.",
-    )
-    pooling: Pooling | None = Field(default=None, description="Pooling over tokens; default: the recipe's.")
-    layer: int | None = Field(
-        default=None,
-        description="Index into transformers' output_hidden_states tuple (0: token embeddings, -1: last layer "
-        "after the final norm); default: the recipe's. The forward pass stops after this layer.",
-    )
-    normalize: bool = Field(default=True, description="L2-normalise the vectors.")
-    dimensions: int | None = Field(
-        default=None, ge=1, description="Keep the first D dimensions (Matryoshka), then re-normalise."
-    )
-    instruction: str | None = Field(
-        default=None,
-        description="The instruction documents are embedded with (qwen3-vl-embedding only; the backfill, "
-        "/v1/embeddings); default: the recipe's. Stripped, and given a '.' unless it ends in punctuation.",
-    )
-    query_instruction: str | None = Field(
-        default=None,
-        description="The instruction queries are embedded with (qwen3-vl-embedding only; search, /search, "
-        "input_type=query); default: the recipe's ('Retrieve images or text relevant to the user's query.').",
-    )
-    padding_side: PaddingSide | None = Field(
-        default=None, description="Batch padding side; default: the recipe's."
     )
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
@@ -94,14 +74,14 @@ class EmbedderConfig(StrictModel):
     min_pixels: int | None = Field(
         default=None,
         ge=1,
-        description="Smaller images are upscaled to at least this many pixels; default: the recipe's "
-        "(qwen3-vl-embedding: the official 4*32*32; instruct-mean: 64*64).",
+        description="Smaller images are upscaled to at least this many pixels; default: the official 4*32*32 "
+        "(qwen3-vl-embedding, the reranker), 64*64 (instruct-mean).",
     )
     max_pixels: int | None = Field(
         default=None,
         ge=1,
-        description="Larger images are downscaled to at most this many pixels; default: the recipe's "
-        "(qwen3-vl-embedding: the official 1800*32*32; instruct-mean: 1280*32*32).",
+        description="Larger images are downscaled to at most this many pixels; default: the official "
+        "1800*32*32 (qwen3-vl-embedding, the reranker), 1280*32*32 (instruct-mean).",
     )
     max_image_pixels: int = Field(
         default=100_000_000,
@@ -132,6 +112,58 @@ class EmbedderConfig(StrictModel):
         "reused by every layer; costs seconds to minutes at start, see benchmarks/NOTES.md).",
     )
 
+    @model_validator(mode="after")
+    def _check_model_options(self) -> Self:
+        if self.compile and self.attention_layout != "packed":
+            raise ValueError("compile=True needs attention_layout='packed'")
+        if self.resolved_min_pixels > self.resolved_max_pixels:
+            raise ValueError(
+                f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"
+            )
+        return self
+
+    @property
+    def resolved_min_pixels(self) -> int:
+        return self.min_pixels if self.min_pixels is not None else OFFICIAL_MIN_PIXELS
+
+    @property
+    def resolved_max_pixels(self) -> int:
+        return self.max_pixels if self.max_pixels is not None else OFFICIAL_MAX_PIXELS
+
+
+class EmbedderConfig(ModelOptions):
+    """How to load the model and how an item becomes a vector."""
+
+    recipe: RecipeName | Literal["auto"] = Field(
+        default="auto",
+        description="Prompt format and pooling defaults. auto: qwen3-vl-embedding for Qwen3-VL-Embedding "
+        "checkpoints (by hub id or directory name, and tiny-embedding), instruct-mean otherwise; the "
+        "validated config always holds the recipe it picked.",
+    )
+    pooling: Pooling | None = Field(default=None, description="Pooling over tokens; default: the recipe's.")
+    layer: int | None = Field(
+        default=None,
+        description="Index into transformers' output_hidden_states tuple (0: token embeddings, -1: last layer "
+        "after the final norm); default: the recipe's. The forward pass stops after this layer.",
+    )
+    normalize: bool = Field(default=True, description="L2-normalise the vectors.")
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Keep the first D dimensions (Matryoshka), then re-normalise."
+    )
+    instruction: str | None = Field(
+        default=None,
+        description="The instruction documents are embedded with (qwen3-vl-embedding only; the backfill, "
+        "/v1/embeddings); default: the recipe's. Stripped, and given a '.' unless it ends in punctuation.",
+    )
+    query_instruction: str | None = Field(
+        default=None,
+        description="The instruction queries are embedded with (qwen3-vl-embedding only; search, /search, "
+        "input_type=query); default: the recipe's ('Retrieve images or text relevant to the user's query.').",
+    )
+    padding_side: PaddingSide | None = Field(
+        default=None, description="Batch padding side; default: the recipe's."
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _resolve_auto_recipe(cls, data: Any) -> Any:
@@ -140,13 +172,7 @@ class EmbedderConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> Self:
-        if self.compile and self.attention_layout != "packed":
-            raise ValueError("compile=True needs attention_layout='packed'")
-        if self.resolved_min_pixels > self.resolved_max_pixels:
-            raise ValueError(
-                f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"
-            )
+    def _check_instructions(self) -> Self:
         for name in ("instruction", "query_instruction"):
             value = getattr(self, name)
             if value is not None and not RECIPES[self.recipe].uses_instruction:
@@ -206,6 +232,35 @@ class EmbedderConfig(StrictModel):
             "max_pixels": self.resolved_max_pixels,
             "max_length": self.max_length,
         }
+
+
+class RerankerConfig(ModelOptions):
+    """The second stage: a Qwen3-VL-Reranker checkpoint scoring (query, document) pairs, and how it runs."""
+
+    model: str = Field(
+        default=TINY_RERANKER,
+        description="A hub id (e.g. Qwen/Qwen3-VL-Reranker-2B), a local checkpoint directory, or "
+        "'tiny-reranker' for the built-in offline random one.",
+    )
+    instruction: str | None = Field(
+        default=None,
+        description="What relevance means, as '<Instruct>: ...'; default: the official 'Given a search query, "
+        "retrieve relevant candidates that answer the query.'",
+    )
+    max_length: int = Field(
+        default=10240,
+        ge=16,
+        description="Longest pair in tokens (the official 10240): a longer pair loses text from its end, every "
+        "special and image token and the last 5 tokens kept, as the official code does.",
+    )
+
+    @property
+    def resolved_instruction(self) -> str:
+        return (
+            self.instruction
+            if self.instruction is not None and self.instruction.strip()
+            else (DEFAULT_RERANK_INSTRUCTION)
+        )
 
 
 SourceKind = Literal["jsonl", "parquet", "csv", "images"]
@@ -392,6 +447,21 @@ class ServeConfig(StrictModel):
         description="GPUs per model replica; default: 1 if the Ray cluster has GPUs, else 0.",
     )
     num_cpus: float = Field(default=1, ge=0, description="CPUs per model replica.")
+    reranker_replicas: int = Field(
+        default=1, ge=1, description="Reranker replicas (when the config has a reranker: section)."
+    )
+    reranker_num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per reranker replica; default: 1 if the Ray cluster has GPUs, else 0 (a fraction "
+        "shares a GPU with the embedder).",
+    )
+    rerank_candidates: int = Field(
+        default=50,
+        ge=1,
+        description="Rows a /search with rerank hands to the reranker when it names no rerank_candidates "
+        "(at most max_items_per_request).",
+    )
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -419,6 +489,11 @@ class Config(StrictModel):
     """The one configuration every entry point produces: the backfill job, the CLI and the Serve app."""
 
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    reranker: RerankerConfig | None = Field(
+        default=None,
+        description="A second stage for search: when set, Serve deploys it (POST /rerank, /search with "
+        "rerank: true).",
+    )
     sources: list[SourceConfig] = Field(default_factory=list)
     table: TableConfig = Field(default_factory=TableConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)

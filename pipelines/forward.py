@@ -57,7 +57,7 @@ def collate(items: list[PreparedItem], pad_token_id: int, padding_side: str = "r
     pixel_values = grid = None
     if images:
         pixel_values = torch.from_numpy(np.concatenate([item.pixel_values for item in images]))
-        grid = torch.from_numpy(np.stack([item.image_grid_thw for item in images]))
+        grid = torch.from_numpy(np.concatenate([item.image_grids for item in images]))
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(mask),

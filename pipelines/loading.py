@@ -79,7 +79,23 @@ def base_model_of(model: Any):
 
 def load_base_model(source: str, *, dtype, device: str, attn_implementation: str, quantization: str):
     """`AutoModel.from_pretrained` on a hub id or directory: the base model in eval mode, no gradients."""
-    from transformers import AutoConfig, AutoModel
+    model = load_model(
+        source,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        quantization=quantization,
+        lm_head=False,
+    )
+    return base_model_of(model)
+
+
+def load_model(
+    source: str, *, dtype, device: str, attn_implementation: str, quantization: str, lm_head: bool
+):
+    """The checkpoint in eval mode without gradients: the base model (`AutoModel`), or with `lm_head` the
+    generation class (`AutoModelForImageTextToText`, whose LM head the reranker reads its score from)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -94,14 +110,14 @@ def load_base_model(source: str, *, dtype, device: str, attn_implementation: str
     if bitsandbytes:
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         kwargs["device_map"] = {"": device}
+    auto = AutoModelForImageTextToText if lm_head else AutoModel
     try:
-        model = AutoModel.from_pretrained(source, **kwargs)
+        model = auto.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load {source!r}: {exc}") from exc
     if not bitsandbytes:
         model = model.to(device)
-    model.eval().requires_grad_(False)
-    return base_model_of(model)
+    return model.eval().requires_grad_(False)
 
 
 def _bnb_config(quantization: str, dtype):

@@ -85,7 +85,7 @@ def pack(items: Sequence[PreparedItem], image_token_id: int, pin: bool = False) 
         parts = [torch.from_numpy(item.pixel_values) for item in images]
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
         pixel_values = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
-        grid = torch.from_numpy(np.stack([item.image_grid_thw for item in images]))
+        grid = torch.from_numpy(np.concatenate([item.image_grids for item in images]))
         positions = torch.from_numpy(np.flatnonzero(input_ids == image_token_id))
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),

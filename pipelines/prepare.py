@@ -30,7 +30,7 @@ class PreparedItem:
     input_ids: np.ndarray  # int64 [n]
     position_ids: np.ndarray  # int64 [3, n]
     pixel_values: np.ndarray | None = None  # float32 [patches, channels * temporal * patch * patch]
-    image_grid_thw: np.ndarray | None = None  # int64 [3]
+    image_grid_thw: np.ndarray | None = None  # int64 [3] (one image) or [images, 3]
     modality: str = "text"
     truncated: bool = False
 
@@ -42,6 +42,13 @@ class PreparedItem:
     def num_patches(self) -> int:
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
+    @property
+    def image_grids(self) -> np.ndarray:
+        """`[images, 3]`: one (t, h, w) row per image, in order (none: `[0, 3]`)."""
+        if self.image_grid_thw is None:
+            return np.zeros((0, 3), np.int64)
+        return np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3)
+
     def to_row(self) -> dict[str, Any]:
         """A flat dict of numpy arrays and scalars (for Ray Data blocks and pickling)."""
         has_image = self.pixel_values is not None
@@ -50,7 +57,7 @@ class PreparedItem:
             "position_ids": self.position_ids.reshape(-1),
             "pixel_values": self.pixel_values.reshape(-1) if has_image else np.zeros(0, np.float32),
             "pixel_shape": np.asarray(self.pixel_values.shape if has_image else (0, 0), np.int64),
-            "image_grid_thw": self.image_grid_thw if has_image else np.zeros(3, np.int64),
+            "image_grid_thw": self.image_grid_thw.reshape(-1) if has_image else np.zeros(3, np.int64),
             "modality": self.modality,
             "truncated": self.truncated,
             "num_tokens": self.num_tokens,
@@ -67,38 +74,45 @@ class PreparedItem:
             pixel_values=np.asarray(row["pixel_values"], np.float32).reshape(pixel_shape)
             if has_image
             else None,
-            image_grid_thw=np.asarray(row["image_grid_thw"], np.int64) if has_image else None,
+            image_grid_thw=_grid(np.asarray(row["image_grid_thw"], np.int64)) if has_image else None,
             modality=str(row["modality"]),
             truncated=bool(row["truncated"]),
         )
 
 
+def _grid(flat: np.ndarray) -> np.ndarray:
+    return flat if flat.shape[0] == 3 else flat.reshape(-1, 3)
+
+
 def mrope_position_ids(
     input_ids: np.ndarray, image_token_id: int, grid_thw: np.ndarray | None, merge: int
 ) -> np.ndarray:
-    """Qwen3-VL's 3-D (temporal, height, width) positions for one unpadded sequence with at most one image.
+    """Qwen3-VL's 3-D (temporal, height, width) positions for one unpadded sequence with its images, in order
+    (`grid_thw`: `[3]` for one image, `[images, 3]` for several).
 
-    Text tokens advance all three axes together; the image's tokens take a grid of positions starting where
+    Text tokens advance all three axes together; an image's tokens take a grid of positions starting where
     the text left off, and the text after it resumes at start + max(grid height, grid width).
     """
     n = input_ids.shape[0]
     is_image = input_ids == image_token_id
-    if not is_image.any():
-        return np.broadcast_to(np.arange(n, dtype=np.int64), (3, n)).copy()
-    first = int(np.argmax(is_image))
-    _, h, w = (int(x) for x in grid_thw)
-    gh, gw = h // merge, w // merge
-    count = gh * gw
-    if int(is_image.sum()) != count or not is_image[first : first + count].all():
-        raise ValueError("image tokens must form one contiguous block matching the image grid")
+    grids = np.zeros((0, 3), np.int64) if grid_thw is None else np.asarray(grid_thw).reshape(-1, 3)
     positions = np.empty((3, n), np.int64)
-    positions[:, :first] = np.arange(first)
-    positions[0, first : first + count] = first
-    positions[1, first : first + count] = first + np.repeat(np.arange(gh), gw)
-    positions[2, first : first + count] = first + np.tile(np.arange(gw), gh)
-    resume = first + max(gh, gw)
-    rest = n - first - count
-    positions[:, first + count :] = resume + np.arange(rest)
+    cursor, next_position = 0, 0  # the next token to place, and the position the next text token takes
+    for _, h, w in grids:
+        gh, gw = int(h // merge), int(w // merge)
+        count = gh * gw
+        first = cursor + int(np.argmax(is_image[cursor:])) if is_image[cursor:].any() else n
+        if not is_image[first : first + count].all() or first + count > n:
+            raise ValueError("image tokens must form contiguous blocks matching the image grids")
+        positions[:, cursor:first] = next_position + np.arange(first - cursor)
+        start = next_position + first - cursor
+        positions[0, first : first + count] = start
+        positions[1, first : first + count] = start + np.repeat(np.arange(gh), gw)
+        positions[2, first : first + count] = start + np.tile(np.arange(gw), gh)
+        cursor, next_position = first + count, start + max(gh, gw)
+    if is_image[cursor:].any():
+        raise ValueError("image tokens must form contiguous blocks matching the image grids")
+    positions[:, cursor:] = next_position + np.arange(n - cursor)
     return positions
 
 
@@ -202,13 +216,7 @@ class Preparer:
     def _tokenize(self, text: str | None, has_image: bool, instruction: str | None, grid) -> np.ndarray:
         prompt = format_prompt(self.recipe, text, has_image, instruction)
         ids = np.asarray([*self._prefix, *self._encode(prompt), *self._suffix], np.int64)
-        if not has_image:
-            return ids
-        n_image_tokens = int(np.prod(grid)) // (self.merge_size**2)
-        at = int(np.flatnonzero(ids == self.image_token_id)[0])
-        return np.concatenate(
-            [ids[:at], np.full(n_image_tokens, self.image_token_id, np.int64), ids[at + 1 :]]
-        )
+        return expand_image_tokens(ids, self.image_token_id, grid, self.merge_size) if has_image else ids
 
     def _truncate(
         self, ids: np.ndarray, item: Item, instruction: str | None, grid, index: int | None
@@ -225,24 +233,44 @@ class Preparer:
         return np.concatenate([head, ids[cut:]])
 
     def _image_patches(self, item: Item, index: int | None) -> tuple[np.ndarray, np.ndarray]:
-        if self.image_processor is None:
-            raise ItemError(
-                "this embedder was built without an image processor and cannot embed images", index
-            )
-        image = load_image(item.image, self.max_image_pixels, index)
-        try:
-            out = self.image_processor(
-                images=[image],
-                size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-                return_tensors="np",
-            )
-        except ValueError as exc:  # e.g. an aspect ratio over 200:1
-            raise ImageDecodeError(
-                f"cannot process image {image.width}x{image.height}: {exc}", index
-            ) from exc
-        pixel_values = np.asarray(out["pixel_values"], np.float32)
-        grid = np.asarray(out["image_grid_thw"], np.int64).reshape(-1)[:3]
-        return pixel_values, grid
+        return image_patches(
+            self.image_processor, item.image, self.min_pixels, self.max_pixels, self.max_image_pixels, index
+        )
+
+
+def image_patches(
+    image_processor, source: Any, min_pixels: int, max_pixels: int, max_image_pixels: int, index: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel patches `[patches, D]`, grid `[3]`) of one image source, resized to multiples of 32 within the
+    pixel bounds as the official preprocessing resizes it."""
+    if image_processor is None:
+        raise ItemError("this model was loaded without an image processor and cannot take images", index)
+    image = load_image(source, max_image_pixels, index)
+    try:
+        out = image_processor(
+            images=[image],
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            return_tensors="np",
+        )
+    except ValueError as exc:  # e.g. an aspect ratio over 200:1
+        raise ImageDecodeError(f"cannot process image {image.width}x{image.height}: {exc}", index) from exc
+    pixel_values = np.asarray(out["pixel_values"], np.float32)
+    grid = np.asarray(out["image_grid_thw"], np.int64).reshape(-1)[:3]
+    return pixel_values, grid
+
+
+def expand_image_tokens(ids: np.ndarray, image_token_id: int, grids, merge: int) -> np.ndarray:
+    """Repeat each `<|image_pad|>` once per merged patch of its image (`grids`: `[3]` or `[images, 3]`), as
+    the processor expands the prompt's image placeholders."""
+    grids = np.asarray(grids).reshape(-1, 3)
+    at = np.flatnonzero(ids == image_token_id)
+    if len(at) != len(grids):
+        raise ValueError(f"{len(at)} image placeholders for {len(grids)} images")
+    parts, start = [], 0
+    for position, grid in zip(at, grids, strict=True):
+        parts += [ids[start:position], np.full(int(np.prod(grid)) // merge**2, image_token_id, np.int64)]
+        start = position + 1
+    return np.concatenate([*parts, ids[start:]])
 
 
 def keep_special_tokens_truncate(ids: np.ndarray, max_length: int, special_ids: set[int]) -> np.ndarray:

@@ -30,6 +30,8 @@ END_OF_TEXT = "<|endoftext|>"
 DEFAULT_EMBEDDING_INSTRUCTION = "Represent the user's input."
 # The official README embeds queries with this task instruction and documents with the default one.
 DEFAULT_QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
+# The official reranker's default instruction (src/models/qwen3_vl_reranker.py).
+DEFAULT_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
 # The official image bounds (IMAGE_FACTOR = 32: 16-pixel patches merged 2x2).
 OFFICIAL_MIN_PIXELS = 4 * 32 * 32
 OFFICIAL_MAX_PIXELS = 1800 * 32 * 32

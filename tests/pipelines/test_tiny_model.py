@@ -106,3 +106,25 @@ def test_mrope_positions_resume_after_the_image():
         4,
     ]
     assert positions[:, 8].tolist() == [5, 5, 5]  # 2 + max(2, 3)
+
+
+def test_positions_of_two_images_match_the_model_rope_index(embedder):
+    """Two images in one sequence (a reranker pair of an image query and an image document)."""
+    import torch
+
+    first, second = (
+        embedder.prepare({"image": make_image(0, (160, 96))}),
+        embedder.prepare({"image": make_image(1)}),
+    )
+    image_id = embedder.model.config.image_token_id
+    ids = np.concatenate([[5, 6], first.input_ids, [7], second.input_ids, [8, 9]])
+    grids = np.stack([first.image_grid_thw, second.image_grid_thw])
+    positions = mrope_position_ids(ids, image_id, grids, merge=2)
+    expected, _ = embedder.model.get_rope_index(
+        torch.from_numpy(ids)[None],
+        mm_token_type_ids=torch.from_numpy(ids == image_id).int()[None],
+        image_grid_thw=torch.from_numpy(grids),
+    )
+    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
+    with pytest.raises(ValueError, match="contiguous blocks"):
+        mrope_position_ids(ids, image_id, grids[:1], merge=2)
