@@ -12,6 +12,7 @@ began=$(date +%s)
 elapsed() { echo $(( $(date +%s) - began )); }
 
 # Overrides: BENCH_ARGS (the bench's arguments), BENCH2_ARGS (a second bench after it, e.g. the FP8 rows),
+# RERANK_ARGS (the reranker's bench, benchmarks/rerank_bench.py, e.g. "--shape 2b"; SKIP_BENCH-free sessions),
 # SKIP_INSTALL=1 (use what is installed: a dry run elsewhere), SKIP_BENCH=1 (only stage what device_ray.sh
 # needs: a Serve-only session is SKIP_BENCH=1 here, then device_ray.sh in the next call).
 BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile --passes 3"}
@@ -64,6 +65,13 @@ show() {  # the table of a bench's JSON, or the end of its log when it wrote non
   echo
 }
 bench bench "benchmark (and the baseline), text and image" "$BENCH_ARGS"
+if [ -n "${RERANK_ARGS:-}" ]; then  # the reranker's pairs/s, e.g. RERANK_ARGS="--shape 2b" (~1-2 minutes)
+  echo "== [$(elapsed) s] reranker: $RERANK_ARGS =="
+  # shellcheck disable=SC2086
+  timeout 150 python3 -m benchmarks.rerank_bench $RERANK_ARGS \
+    --json "$OUT/rerank.json" >"$OUT/rerank.out" 2>"$OUT/rerank.log"
+  echo "rerank exit $? after $(elapsed) s"; cat "$OUT/rerank.out"; echo
+fi
 if [ -n "${BENCH2_ARGS:-}" ]; then  # a second bench in the same call (e.g. the FP8 rows), its own JSON
   bench bench2 "second benchmark" "$BENCH2_ARGS"
   show bench2

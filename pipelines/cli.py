@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(commands)
     _add_backfill(commands)
     _add_search(commands)
+    _add_rerank(commands)
     _add_serve(commands)
     return parser
 
@@ -235,13 +236,23 @@ def _run_demo(args) -> int:
 
 
 def _add_make_tiny_model(commands) -> None:
+    from pipelines.tiny_model import FLAVOURS  # no heavy imports at the module's top
+
     p = _subparser(
         commands,
         "make-tiny-model",
         "build the tiny random Qwen3-VL checkpoint used offline and in tests",
         "Build a tiny, seeded, random Qwen3-VL checkpoint (real transformers classes, a BPE tokenizer trained "
         "offline with Qwen's special tokens and chat template, the Qwen3-VL image processor) into DIR with "
-        "save_pretrained. Load it with --model DIR. The same seed gives byte-identical files.",
+        "save_pretrained. Load it with --model DIR. The same seed and flavour give byte-identical files.",
+    )
+    p.add_argument(
+        "--flavour",
+        choices=FLAVOURS,
+        default="instruct",
+        help="instruct: like Qwen3-VL-Instruct (the tokenizer adds no special tokens); embedding: like "
+        "Qwen3-VL-Embedding (the tokenizer appends <|endoftext|>); reranker: like Qwen3-VL-Reranker (an LM "
+        "head of its own) (default: %(default)s)",
     )
     p.add_argument("directory", type=Path, metavar="DIR", help="where to write the checkpoint")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
@@ -252,7 +263,7 @@ def _add_make_tiny_model(commands) -> None:
 def _run_make_tiny_model(args) -> int:
     from pipelines.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.directory, seed=args.seed, overwrite=args.overwrite)
+    path = make_tiny_model(args.directory, seed=args.seed, overwrite=args.overwrite, flavour=args.flavour)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"wrote a tiny Qwen3-VL checkpoint to {path} ({size / 1e6:.1f} MB); use it with --model {path}")
     return 0
@@ -299,6 +310,21 @@ def _run_search(args) -> int:
 # -- serve (implemented in serve.launch and serve.app) ----------------------------------------------------
 
 
+def _add_rerank(commands) -> None:
+    from pipelines.rerank_command import DESCRIPTION as RERANK
+    from pipelines.rerank_command import add_rerank_arguments
+
+    p = _subparser(commands, "rerank", "score documents against a query with Qwen3-VL-Reranker", RERANK)
+    add_rerank_arguments(p)
+    p.set_defaults(handler=_run_rerank)
+
+
+def _run_rerank(args) -> int:
+    from pipelines.rerank_command import run_rerank_command
+
+    return run_rerank_command(args)
+
+
 def _add_serve(commands) -> None:
     from pipelines.config import ServeConfig
 
@@ -310,7 +336,8 @@ def _add_serve(commands) -> None:
 Start Ray Serve with the embedder behind an HTTP API, on 127.0.0.1:8000 unless told otherwise, and serve
 until Ctrl-C: POST /v1/embeddings (OpenAI-compatible, plus {"text", "image"} items with inline base64
 images), POST /search (the table in the config, queried with the configuration it was built with),
-GET /healthz, GET /v1/models.
+GET /healthz, GET /v1/models; with --reranker (or a reranker: section), POST /rerank and /search with
+"rerank": true.
 
 --config takes the project's config YAML (the file a backfill runs from: embedder, table, serve sections)
 or a Ray Serve config file such as serve/config.yaml. Flags override the file. If the environment variable
@@ -322,7 +349,14 @@ examples:
   vlm-embed serve --config serve/config.yaml --model Qwen/Qwen3-VL-Embedding-2B \\
       --recipe qwen3-vl-embedding --num-gpus 1 --max-replicas 4
   vlm-embed serve --high-throughput                      # HAProxy in front of the replicas (Ray >= 2.55)
+  vlm-embed serve --reranker tiny-reranker               # and POST /rerank with the tiny reranker
 """,
+    )
+    p.add_argument(
+        "--reranker",
+        metavar="MODEL",
+        help="also serve this Qwen3-VL-Reranker (a hub id such as Qwen/Qwen3-VL-Reranker-2B, a directory, or "
+        "tiny-reranker): POST /rerank, and /search with rerank",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="a config YAML or a Ray Serve config file")
     p.add_argument(
@@ -336,7 +370,7 @@ examples:
 def _run_serve(args) -> int:
     from pipelines.config import ServeConfig
     from pipelines.loading import resolve_model_source
-    from serve.launch import LaunchError, apply_flags, load_target, serve_forever
+    from serve.launch import LaunchError, apply_flags, load_target, serve_forever, with_reranker
 
     try:
         target = load_target(args.config)
@@ -347,8 +381,10 @@ def _run_serve(args) -> int:
         for cls in (EmbedderConfig, ServeConfig)
     }
     given[ServeConfig].pop("max_image_pixels", None)
-    target = apply_flags(target, given[EmbedderConfig], given[ServeConfig])
+    target = with_reranker(apply_flags(target, given[EmbedderConfig], given[ServeConfig]), args.reranker)
     resolve_model_source(target.config.embedder.model)  # a wrong local path fails here, not in every replica
+    if target.config.reranker is not None:
+        resolve_model_source(target.config.reranker.model)
     return serve_forever(target, args.address)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from typing import Any
 
-from pipelines.config import TableConfig
+from pipelines.config import DType, RerankerConfig, TableConfig
+from pipelines.rerank_search import DEFAULT_CANDIDATES
 
 EXIT_USAGE = 2
 
@@ -23,8 +25,12 @@ Search a vectors table made by `vlm-embed backfill`: embed the query (TEXT, --im
 text+image query) with the table's recorded embedder configuration, and print the top-k rows by cosine
 similarity: rank, score, id, and the row's text (or its image path).
 
+With --rerank MODEL the vector search's first --rerank-candidates rows are scored again by a Qwen3-VL-Reranker
+(a cross-encoder that reads query and row together) and the best --top-k are printed by that score.
+
 examples:
   vlm-embed search "a red circle" --table ./data/lancedb --top-k 3
+  vlm-embed search "a red circle" --rerank tiny-reranker --rerank-candidates 20 --top-k 3
   vlm-embed search --image photo.png --table ./data/lancedb
   vlm-embed search "shapes" --where "modality = 'text'" --json
 """
@@ -41,11 +47,16 @@ def search(
     device: str | None = None,
     dtype: str | None = None,
     embedder=None,
+    reranker=None,
+    rerank_candidates: int | None = None,
+    rerank_instruction: str | None = None,
 ) -> list[dict[str, Any]]:
     """The `top_k` nearest rows to the query, as dicts with id, score, modality, text and image_uri.
 
     `embedder`: an already loaded `Embedder` to reuse (checked against the table); default: one built from
-    the table's recorded configuration."""
+    the table's recorded configuration. `reranker` (a `pipelines.reranker.Reranker`): the vector search's
+    first `rerank_candidates` rows (default 50) are reranked by it and the best `top_k` returned, each with
+    its `rerank_score` (`pipelines.rerank_search`)."""
     from pipelines.embedder import Embedder
     from pipelines.table import check_matches, open_vectors_table, recorded_embedder_config, search_table
 
@@ -63,7 +74,13 @@ def search(
     if instruction is not None:
         item["instruction"] = instruction
     vector = embedder.embed_queries([item])[0]
-    return search_table(table, vector, top_k=top_k, where=where)
+    if reranker is None:
+        return search_table(table, vector, top_k=top_k, where=where)
+    from pipelines.rerank_search import candidates_for, rerank_rows
+
+    rows = search_table(table, vector, top_k=candidates_for(top_k, rerank_candidates), where=where)
+    query = {key: value for key, value in item.items() if key != "instruction"}
+    return rerank_rows(reranker, query, rows, top_k, rerank_instruction)
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +102,21 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "qwen3-vl-embedding)",
     )
     parser.add_argument("--device", help="where to run the query embedder (default: auto)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="its precision")
+    parser.add_argument("--dtype", choices=list(typing.get_args(DType)), help="its precision")
+    parser.add_argument(
+        "--rerank",
+        metavar="MODEL",
+        help="rerank the vector search's candidates with this Qwen3-VL-Reranker checkpoint (a hub id such as "
+        "Qwen/Qwen3-VL-Reranker-2B, a directory, or tiny-reranker); rows are then printed as rank, rerank "
+        "score, cosine score, id, text",
+    )
+    parser.add_argument(
+        "--rerank-candidates",
+        type=int,
+        metavar="N",
+        help=f"rows the vector search hands to the reranker (default: {DEFAULT_CANDIDATES}, at least --top-k)",
+    )
+    parser.add_argument("--rerank-instruction", metavar="TEXT", help="the reranker's instruction")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of columns")
 
 
@@ -96,7 +127,15 @@ def run_search_command(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         print("search: error: --top-k must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.rerank_candidates is not None and args.rerank_candidates < 1:
+        print("search: error: --rerank-candidates must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     try:
+        reranker = None
+        if args.rerank:
+            from pipelines.reranker import Reranker
+
+            reranker = Reranker.from_config(RerankerConfig(model=args.rerank, device=args.device or "auto"))
         rows = search(
             TableConfig(uri=args.table, name=args.name),
             args.text,
@@ -106,6 +145,9 @@ def run_search_command(args: argparse.Namespace) -> int:
             instruction=args.instruction,
             device=args.device,
             dtype=args.dtype,
+            reranker=reranker,
+            rerank_candidates=args.rerank_candidates,
+            rerank_instruction=args.rerank_instruction,
         )
     except (TableNotFound, TableConfigMismatch, ModelLoadError, ValueError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
@@ -115,7 +157,11 @@ def run_search_command(args: argparse.Namespace) -> int:
             print(json.dumps({"rank": rank, **row}))
         else:
             shown = row["text"] if row["text"] is not None else row["image_uri"]
-            print(f"{rank}\t{row['score']:.4f}\t{row['id']}\t{shown}")
+            if reranker is None:
+                print(f"{rank}\t{row['score']:.4f}\t{row['id']}\t{shown}")
+            else:
+                rerank = "-" if row["rerank_score"] is None else f"{row['rerank_score']:.4f}"
+                print(f"{rank}\t{rerank}\t{row['score']:.4f}\t{row['id']}\t{shown}")
     if not rows:
         print("no rows (is the table empty?)", file=sys.stderr)
     return 0

@@ -1,12 +1,9 @@
 """The Ray Serve app: the same `pipelines.embedder.Embedder` the backfill uses, behind an HTTP API.
 
-Two deployments. `EmbeddingService` is the HTTP ingress (CPU replicas): the routes of `serve.routes`, input
-checks, preparing items (decode, tokenize) on a thread pool, and responses. `EmbeddingModel` holds the
-embedder (a GPU per replica where the cluster has GPUs): it loads it once, runs one warm-up batch, and then
-puts the items of concurrent requests into one forward pass through its `@serve.batch` queue, up to a
-padded-token budget, the forward pass on its own thread. Keeping HTTP and tokenizing out of the model's
-process matters on a GPU: a forward pass takes milliseconds there, and per-request Python work in the same
-process (one interpreter lock) would otherwise cap the requests per second and keep batches small.
+`EmbeddingService` is the HTTP ingress (CPU replicas): the routes of `serve.routes`, input checks, preparing
+items (decode, tokenize) on a thread pool, and responses. The models live in their own deployments
+(`serve.models`): `EmbeddingModel` holds the embedder, and `RerankModel` the reranker when the config has a
+`reranker:` section (POST /rerank, /search with rerank); each batches the items of concurrent requests.
 
 Build the app with `build_app(args)` (import path `serve.app:build_app`, as in serve/config.yaml) or
 `app_for(config)`; both take the one `pipelines.config.Config`.
@@ -15,180 +12,51 @@ Build the app with `build_app(args)` (import path `serve.app:build_app`, as in s
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve as ray_serve
 
-from pipelines.config import Config, EmbedderConfig, ServeConfig
+from pipelines.config import Config, ServeConfig
 from pipelines.items import ItemError
 from pipelines.metrics import ServeMetrics
 from serve.auth import api_key_from_env
-from serve.autoscaling import PENDING_ITEMS
 from serve.autoscaling import POLICY as AUTOSCALING_POLICY
 from serve.coalesce import Coalescer
-from serve.errors import ApiError, overloaded
-from serve.inputs import InputLimits, join_field
+from serve.errors import answered_within, item_error
+from serve.inputs import InputLimits
+from serve.models import (
+    MODEL_DEPLOYMENT,
+    RERANK_DEPLOYMENT,
+    EmbeddingModel,
+    RerankModel,
+    serving_embedder_config,
+    serving_reranker_config,
+)
 from serve.search import SearchTable
+
+__all__ = ["APP_NAME", "INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "RERANK_DEPLOYMENT", "app_for", "build_app"]
 
 APP_NAME = "vlm-embed"
 INGRESS_DEPLOYMENT = "EmbeddingService"  # HTTP: checks, preparing, responses (CPU replicas)
-MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 PREPARE_THREADS = 4
 # An ingress replica keeps this many calls to the model deployment in flight; the requests that arrive meanwhile
 # go together in its next call, or in one of their own once this many items wait (`serve.coalesce`)
 MODEL_CALLS_PER_INGRESS = 2
 MODEL_CALL_GROUP_ITEMS = 8
 HEALTH_TIMEOUT_S = 5.0
-_IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
-
-
-@dataclass
-class _Pending:
-    """One prepared item waiting for a server batch; `cost` is its token count, capped at the budget."""
-
-    prepared: Any
-    cost: int
-
-
-def padded_tokens(batch: list[_Pending]) -> int:
-    """The `batch_size_fn`: what a batch costs once padded, items x the longest item's tokens."""
-    return len(batch) * max(p.cost for p in batch)
-
-
-@dataclass
-class BatchStats:
-    """Counts of this replica's server batches (reported by /healthz; the metrics go to Prometheus)."""
-
-    batches: int = 0
-    items: int = 0
-    largest: int = 0
-    calls: int = 0  # calls from the ingress replicas (each carries one or more requests' items)
-
-    def record(self, size: int) -> None:
-        self.batches += 1
-        self.items += size
-        self.largest = max(self.largest, size)
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "batches": self.batches,
-            "batched_items": self.items,
-            "largest_batch": self.largest,
-            "model_calls": self.calls,
-        }
-
-
-class _TokenBudgetWarningFilter(logging.Filter):
-    """Serve warns when max_batch_size exceeds max_ongoing_requests, counting requests; ours counts tokens."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_batch_size" not in record.getMessage()
-
-
-def serving_embedder_config(config: Config) -> EmbedderConfig:
-    """The embedder options both deployments use: the config's, with the server's image-size bound."""
-    return config.embedder.model_copy(
-        update={"max_image_pixels": min(config.embedder.max_image_pixels, config.serve.max_image_pixels)}
-    )
-
-
-@ray_serve.deployment(name=MODEL_DEPLOYMENT)
-class EmbeddingModel:
-    """One model replica (a GPU, where there is one): the embedder and its `@serve.batch` queue. It only
-    embeds prepared items; HTTP, checks, tokenizing and responses stay on the ingress replicas, so this
-    process's one Python thread of control goes to forming batches and launching the forward pass."""
-
-    def __init__(self, config: dict[str, Any]):
-        from pipelines.embedder import Embedder
-
-        self.config = Config.model_validate(config)
-        embedder_config = serving_embedder_config(self.config)
-        self.embedder = Embedder.from_config(embedder_config)
-        self.metrics = ServeMetrics()
-        self.stats = BatchStats()
-        self.pending_items = 0
-        self._budget = max(embedder_config.max_batch_tokens, embedder_config.max_length)
-        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
-        self._embed_item.set_max_batch_size(self._budget)
-        self._embed_item.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
-        self._warm_up()
-        self.ready = True
-
-    async def embed(self, prepared: list[Any]) -> np.ndarray:
-        """Vectors `[n, D]` for one call's prepared items; they join the items of concurrent calls."""
-        self.stats.calls += 1
-        self._queue_changed(len(prepared))
-        try:
-            rows = await asyncio.gather(
-                *(self._embed_item(_Pending(p, min(p.num_tokens, self._budget))) for p in prepared)
-            )
-        finally:
-            self._queue_changed(-len(prepared))
-        return np.stack(rows)
-
-    @ray_serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=padded_tokens)
-    async def _embed_item(self, batch: list[_Pending]) -> list[np.ndarray]:
-        start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(
-            self._forward_pool, self.embedder.embed_prepared, [p.prepared for p in batch]
-        )
-        self.stats.record(len(batch))
-        self.metrics.batch(len(batch), time.perf_counter() - start)
-        return list(vectors)
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """What `serve.autoscaling`'s policy scales on: the items this replica holds (queued or in a batch)."""
-        return {PENDING_ITEMS: float(self.pending_items)}
-
-    def _queue_changed(self, delta: int) -> None:
-        self.pending_items += delta
-        self.metrics.queue_depth(self.pending_items)
-
-    def _warm_up(self) -> None:
-        """The embedder's own warm-up (compiles, with `compile=True`), then one text and, with an image
-        processor, one image through all three steps: a broken model fails the replica, not a request."""
-        from PIL import Image
-
-        has_images = self.embedder.image_processor is not None
-        self.warm_up_s = self.embedder.warm_up(image_side=64 if has_images else None)
-        items: list[Any] = ["warm up"]
-        if has_images:
-            items.append({"text": "warm up", "image": Image.new("RGB", (64, 64), (128, 64, 32))})
-        vectors = self.embedder.embed_batch(items)
-        if not np.isfinite(vectors).all():
-            raise RuntimeError("the warm-up batch gave non-finite vectors: the model is broken")
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok" if self.ready else "loading",
-            "dimension": self.embedder.get_embedding_dimension(),
-            "device": str(self.embedder.device),
-            "replica": ray_serve.get_replica_context().replica_id.unique_id,
-            "pending_items": self.pending_items,
-            "warm_up_s": round(self.warm_up_s, 3),
-            **self.stats.as_dict(),
-        }
-
-    def check_health(self) -> None:
-        """Serve's periodic replica health check: the model is loaded and its thread can still run."""
-        if not self.ready or self._forward_pool._shutdown:
-            raise RuntimeError("the embedder is not ready")
 
 
 @ray_serve.deployment(name=INGRESS_DEPLOYMENT)
 @ray_serve.ingress()
 class EmbeddingService:
     """One ingress replica (CPU): the routes of `serve.routes`, input checks, preparing (decode, tokenize)
-    on a thread pool, and responses; vectors come from the `EmbeddingModel` deployment through `model`."""
+    on a thread pool, and responses; vectors come from the `EmbeddingModel` deployment through `model`,
+    scores from the `RerankModel` deployment through `reranker` (None: no reranker configured)."""
 
-    def __init__(self, config: dict[str, Any], model):
+    def __init__(self, config: dict[str, Any], model, reranker=None):
         from pipelines.backfill import embedding_dimension
         from pipelines.stages import build_preparer
 
@@ -212,6 +80,12 @@ class EmbeddingService:
             max_items=serve_config.max_items_per_request,
             group_items=MODEL_CALL_GROUP_ITEMS,
         )
+        self.reranker = None
+        if reranker is not None:
+            from serve.rerank import RerankClient
+
+            reranker_config = serving_reranker_config(self.config)
+            self.reranker = RerankClient(reranker_config, reranker, serve_config, self._prepare_pool)
 
     def __serve_build_asgi_app__(self):
         from serve.routes import build_api
@@ -226,29 +100,11 @@ class EmbeddingService:
         """Vectors `[n, D]` for checked items and their token count (`query`: embedded with the query
         instruction); 422 for a bad item, 503 past the timeout, when the model replicas' queues are full, or
         when a model replica died with the request."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
-
-        timeout = self.serve_config.request_timeout_s
-        retry_after = self.serve_config.retry_after_s
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                prepared = await loop.run_in_executor(
-                    self._prepare_pool, self._prepare_all, items, fields, query
-                )
-                vectors = await self._together.submit(prepared)
-        except TimeoutError:
-            raise overloaded(
-                f"the request was not answered within {timeout:g} s: the server is overloaded, retry later",
-                retry_after,
-            ) from None
-        except BackPressureError:
-            raise overloaded("the model replicas' queues are full: retry later", retry_after) from None
-        except RayActorError:
-            raise overloaded(
-                "a model replica stopped while embedding this request: retry", retry_after
-            ) from None
+        config = self.serve_config
+        async with answered_within(config.request_timeout_s, config.retry_after_s, "embedding"):
+            prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields, query)
+            vectors = await self._together.submit(prepared)
         return vectors, sum(p.num_tokens for p in prepared)
 
     def _prepare_all(self, items: list[Any], fields: list[str], query: bool = False) -> list[Any]:
@@ -257,20 +113,30 @@ class EmbeddingService:
             try:
                 out.append(self.preparer.prepare(item, query=query))
             except ItemError as exc:
-                key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
-                raise ApiError(
-                    422, f"{name or key}: {exc.reason}", param=join_field(name, key), code=exc.kind
-                ) from exc
+                raise item_error(exc, name, item) from exc
         return out
 
     async def health(self) -> dict[str, Any]:
-        """The model's health as one of its replicas reports it; "loading" until one answers."""
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                model = await self.model.health.remote()
-        except Exception as exc:  # noqa: BLE001 (no replica yet, one dying: all mean "not ready")
-            return {"status": "loading", "model": self.model_name, "reason": f"{type(exc).__name__}: {exc}"}
-        return {**model, "model": self.model_name, "dimension": self.dimension}
+        """The model's health as one of its replicas reports it (and the reranker's, with one); "loading"
+        until they answer."""
+        model = await _health_of(self.model)
+        if model["status"] != "ok":
+            return {**model, "model": self.model_name}
+        health = {**model, "model": self.model_name, "dimension": self.dimension}
+        if self.reranker is not None:
+            reranker = await _health_of(self.reranker.handle)
+            health["reranker"] = {**reranker, "model": self.reranker.model_name}
+            if reranker["status"] != "ok":
+                health["status"] = "loading"
+        return health
+
+
+async def _health_of(handle) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            return await handle.health.remote()
+    except Exception as exc:  # noqa: BLE001 (no replica yet, one dying: all mean "not ready")
+        return {"status": "loading", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def truncate(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
@@ -335,6 +201,19 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
     return options
 
 
+def rerank_deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
+    """`RerankModel`'s Serve options from the config; a Serve config file's `deployments:` entry wins."""
+    return {
+        "num_replicas": serve_config.reranker_replicas,
+        "max_ongoing_requests": serve_config.max_ongoing_requests,
+        "max_queued_requests": serve_config.max_queued_requests,
+        "ray_actor_options": {
+            "num_cpus": serve_config.num_cpus,
+            "num_gpus": resolve_num_gpus(serve_config.reranker_num_gpus),
+        },
+    }
+
+
 def with_policy(autoscaling_config: dict[str, Any]) -> dict[str, Any]:
     """An `autoscaling_config` that scales on the items model replicas hold (`serve.autoscaling`), unless it
     names its own policy."""
@@ -353,15 +232,24 @@ def ingress_options(serve_config: ServeConfig) -> dict[str, Any]:
     }
 
 
-def app_for(config: Config, ingress: dict[str, Any] | None = None, **overrides: Any):
+def app_for(
+    config: Config,
+    ingress: dict[str, Any] | None = None,
+    reranker_options: dict[str, Any] | None = None,
+    **overrides: Any,
+):
     """The bound Serve application for a `Config`: `overrides` are `EmbeddingModel`'s Serve options,
-    `ingress` `EmbeddingService`'s."""
+    `ingress` `EmbeddingService`'s, `reranker_options` `RerankModel`'s (with a `reranker:` section)."""
     payload = config.model_dump(mode="json")
     if overrides.get("autoscaling_config") is not None:
         overrides["autoscaling_config"] = with_policy(overrides["autoscaling_config"])
     model = EmbeddingModel.options(**{**deployment_options(config.serve), **overrides}).bind(payload)
+    reranker = None
+    if config.reranker is not None:
+        options = {**rerank_deployment_options(config.serve), **(reranker_options or {})}
+        reranker = RerankModel.options(**options).bind(payload)
     return EmbeddingService.options(**{**ingress_options(config.serve), **(ingress or {})}).bind(
-        payload, model
+        payload, model, reranker
     )
 
 

@@ -6,6 +6,8 @@ Every refusal is an `ApiError`: a status, a message, the request field it is abo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 ERROR_TYPES = {
@@ -84,3 +86,34 @@ def _clean(message: str) -> str:
 
 def overloaded(message: str, retry_after_s: int) -> ApiError:
     return ApiError(503, message, code="overloaded", headers={"Retry-After": str(retry_after_s)})
+
+
+_IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
+
+
+def item_error(exc: Any, field: str, item: Any) -> ApiError:
+    """A 422 for an `ItemError` of the input named `field` (`input[2]`), pointing at its image or its text."""
+    key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
+    param = (f"{field}.{key}" if field else key) if key else (field or "body")
+    return ApiError(422, f"{field or key}: {exc.reason}", param=param, code=exc.kind)
+
+
+@contextlib.asynccontextmanager
+async def answered_within(timeout_s: float, retry_after_s: int, what: str = "embedding"):
+    """503 with Retry-After when the body does not finish within `timeout_s`, when the model replicas'
+    queues are full, or when a model replica died with the request."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise overloaded(
+            f"the request was not answered within {timeout_s:g} s: the server is overloaded, retry later",
+            retry_after_s,
+        ) from None
+    except BackPressureError:
+        raise overloaded("the model replicas' queues are full: retry later", retry_after_s) from None
+    except RayActorError:
+        raise overloaded(f"a model replica stopped while {what} this request: retry", retry_after_s) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from pipelines.config import Config
 BUILDER = "serve.app:build_app"
 MODEL_DEPLOYMENT = "EmbeddingModel"  # serve.app's names, without importing Ray here
 INGRESS_DEPLOYMENT = "EmbeddingService"
+RERANK_DEPLOYMENT = "RerankModel"
 # ServeConfig fields whose flag replaces what a Serve config file's deployment entry says
 _FLAG_OPTIONS = {
     "num_gpus": ("ray_actor_options", "num_gpus"),
@@ -47,13 +48,14 @@ class LaunchError(ValueError):
 
 @dataclass
 class Target:
-    """What to serve: the `Config`, Serve options of the two deployments from a Serve config file (`deployment`
-    for `EmbeddingModel`, `ingress` for `EmbeddingService`), and HTTP options."""
+    """What to serve: the `Config`, Serve options of the deployments from a Serve config file (`deployment`
+    for `EmbeddingModel`, `ingress` for `EmbeddingService`, `reranker` for `RerankModel`), and HTTP options."""
 
     config: Config
     deployment: dict[str, Any] = field(default_factory=dict)
     http_options: dict[str, Any] = field(default_factory=dict)
     ingress: dict[str, Any] = field(default_factory=dict)
+    reranker: dict[str, Any] = field(default_factory=dict)
 
 
 def load_target(path: Path | None) -> Target:
@@ -82,17 +84,25 @@ def _from_serve_file(path: Path, data: dict[str, Any]) -> Target:
     app = ours[0]
     config = config_from_args(app.get("args"))
     entries = {d.get("name"): d for d in app.get("deployments") or []}
-    unknown = sorted(set(entries) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}, key=str)
+    known = {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT, RERANK_DEPLOYMENT}
+    unknown = sorted(set(entries) - known, key=str)
     if unknown:
         raise LaunchError(
-            f"{path}: unknown deployments {unknown}; this app has {MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}"
+            f"{path}: unknown deployments {unknown}; this app has {MODEL_DEPLOYMENT}, {INGRESS_DEPLOYMENT} "
+            f"and (with a reranker: section) {RERANK_DEPLOYMENT}"
         )
 
     def options(name: str) -> dict[str, Any]:
         return {k: v for k, v in entries.get(name, {}).items() if k != "name"}
 
     http_options = dict(data.get("http_options") or {})
-    return Target(config, options(MODEL_DEPLOYMENT), http_options, options(INGRESS_DEPLOYMENT))
+    return Target(
+        config,
+        options(MODEL_DEPLOYMENT),
+        http_options,
+        options(INGRESS_DEPLOYMENT),
+        options(RERANK_DEPLOYMENT),
+    )
 
 
 def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any]) -> Target:
@@ -126,7 +136,18 @@ def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any])
         _override(
             ingress, [_INGRESS_FLAG_OPTIONS[name] for name in given_ingress], ingress_options(config.serve)
         )
-    return Target(config, deployment, target.http_options, ingress)
+    return Target(config, deployment, target.http_options, ingress, target.reranker)
+
+
+def with_reranker(target: Target, model: str | None) -> Target:
+    """The target with a reranker of `model` (`--reranker`), replacing the file's reranker model if any."""
+    if model is None:
+        return target
+    from pipelines.config import RerankerConfig
+
+    current = target.config.reranker.model_dump() if target.config.reranker is not None else {}
+    reranker = RerankerConfig.model_validate({**current, "model": model})
+    return replace(target, config=target.config.model_copy(update={"reranker": reranker}))
 
 
 def _copy(options: dict[str, Any]) -> dict[str, Any]:
@@ -184,11 +205,13 @@ def serve_forever(target: Target, address: str | None) -> int:
         http_options={"host": config.serve.host, "port": config.serve.port, "request_timeout_s": timeout}
     )
     try:
-        serve.run(app_for(config, target.ingress, **target.deployment), name=APP_NAME, route_prefix="/")
+        app = app_for(config, target.ingress, reranker_options=target.reranker, **target.deployment)
+        serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{config.serve.host}:{config.serve.port}"
+        rerank = f"POST /rerank ({config.reranker.model}), " if config.reranker is not None else ""
         print_fn(
             f"serving {config.serve.served_model_name or config.embedder.model} at {url}: POST /v1/embeddings, "
-            "POST /search, GET /healthz, GET /v1/models (Ctrl-C to stop)"
+            f"POST /search, {rerank}GET /healthz, GET /v1/models (Ctrl-C to stop)"
         )
         while True:
             status = serve.status().applications.get(APP_NAME)

@@ -22,10 +22,18 @@ from pipelines import __version__
 from serve.auth import check_api_key
 from serve.errors import ApiError, from_validation_error
 from serve.inputs import input_fields, parse_inputs, parse_item
-from serve.schemas import EmbeddingRequest, SearchRequest, embedding_response, json_bytes, models_response
+from serve.rerank import no_reranker, rerank_response
+from serve.schemas import (
+    EmbeddingRequest,
+    RerankRequest,
+    SearchRequest,
+    embedding_response,
+    json_bytes,
+    models_response,
+)
 
 logger = logging.getLogger("ray.serve")
-ENDPOINTS = ("/v1/embeddings", "/search", "/healthz", "/v1/models")
+ENDPOINTS = ("/v1/embeddings", "/search", "/rerank", "/healthz", "/v1/models")
 
 
 class FastJSONResponse(JSONResponse):
@@ -109,10 +117,14 @@ def build_api(service) -> FastAPI:
             if getattr(req, key) is not None
         }
         item = parse_item(query, service.limits, "")
+        candidates = rerank_candidates(req) if req.rerank else req.top_k
         plan = await asyncio.to_thread(service.search_table.plan)
         vectors, tokens = await service.embed([item], [""], query=True)
         vector = truncate(vectors, plan.dimension, service.normalize)[0]
-        rows = await asyncio.to_thread(service.search_table.search, plan, vector, req.top_k, req.filter)
+        rows = await asyncio.to_thread(service.search_table.search, plan, vector, candidates, req.filter)
+        if req.rerank:
+            rows, rerank_tokens = await rerank_rows(item, rows, req)
+            tokens += rerank_tokens
         return FastJSONResponse(
             {
                 "object": "list",
@@ -121,6 +133,59 @@ def build_api(service) -> FastAPI:
                 "table": service.config.table.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
+        )
+
+    def rerank_candidates(req: SearchRequest) -> int:
+        if service.reranker is None:
+            raise no_reranker()
+        limit = config.max_items_per_request
+        if req.rerank_candidates is not None and req.rerank_candidates > limit:
+            raise ApiError(
+                422,
+                f"rerank_candidates={req.rerank_candidates} is over the limit of {limit} (max_items_per_request)",
+                param="rerank_candidates",
+                code="invalid_value",
+            )
+        return min(limit, max(req.top_k, req.rerank_candidates or config.rerank_candidates))
+
+    async def rerank_rows(query: Any, rows: list[dict[str, Any]], req: SearchRequest):
+        from pipelines.rerank_search import apply_scores, documents_of
+
+        documents, errors = await asyncio.to_thread(documents_of, rows)
+        present = sorted(documents)
+        query = {key: value for key, value in query.items() if key != "instruction"}
+        scores, failed, tokens = await service.reranker.try_score(
+            query, [documents[i] for i in present], req.rerank_instruction
+        )
+        errors.update({present[i]: reason for i, reason in failed.items()})
+        scored = {present[i]: score for i, score in scores.items()}
+        return apply_scores(rows, scored, errors, req.top_k), tokens
+
+    @api.post("/rerank")
+    async def rerank(request: Request) -> JSONResponse:
+        """Relevance scores of documents to a query, best first (the reranker's deployment)."""
+        authorize(request)
+        if service.reranker is None:
+            raise no_reranker()
+        body = await read_json(request, config.max_body_bytes)
+        req = validate(RerankRequest, body)
+        if req.model is not None and req.model != service.reranker.model_name:
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not served here; this server reranks with "
+                f"{service.reranker.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        query = parse_item(req.query, service.limits, "query")
+        documents = parse_inputs(req.documents, service.limits, "documents")
+        fields = input_fields(req.documents, "documents")
+        scores, tokens = await service.reranker.score(query, documents, fields, req.instruction)
+        echoed = [req.documents] if isinstance(req.documents, str) else req.documents
+        return FastJSONResponse(
+            rerank_response(
+                scores, echoed, req.top_n, req.return_documents, service.reranker.model_name, tokens
+            )
         )
 
     @api.get("/healthz")
@@ -132,13 +197,16 @@ def build_api(service) -> FastAPI:
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
-        return JSONResponse(models_response(service.model_name, service.created))
+        names = [service.model_name] + ([service.reranker.model_name] if service.reranker is not None else [])
+        return JSONResponse(models_response(names, service.created))
 
     return api
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object: 413 past `limit` bytes (before reading it all), 400 if not JSON."""
+    """The body as a JSON object: 415 unless sent as application/json, 413 past `limit` bytes (before reading
+    it all), 400 if not JSON."""
+    check_json_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
@@ -166,9 +234,36 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             param="body",
             code="invalid_json",
         ) from exc
+    except RecursionError as exc:  # json's decoder recurses once per level of nesting
+        raise ApiError(
+            400, "the request body's JSON is nested too deeply", param="body", code="invalid_json"
+        ) from exc
     if not isinstance(body, dict):
         raise ApiError(422, "the request body must be a JSON object", param="body", code="invalid_type")
     return body
+
+
+def check_json_content_type(value: str | None) -> None:
+    """415 unless the body is declared `application/json` (a `charset`, if any, must be UTF-8).
+
+    A web page may send a cross-origin POST without a preflight only as text/plain, form-encoded or untyped;
+    refusing those keeps any page a browser visits from driving a server on 127.0.0.1 with its user's access.
+    """
+    from email.message import Message
+
+    header = Message()
+    header["content-type"] = value or ""
+    media_type = header.get_content_type() if value and "/" in value.split(";")[0] else None
+    charset = header.get_param("charset")
+    if media_type == "application/json" and (charset is None or str(charset).lower() in ("utf-8", "utf8")):
+        return
+    sent = f"Content-Type {value.strip()!r}" if value else "no Content-Type"
+    raise ApiError(
+        415,
+        f"the request body must be sent as Content-Type: application/json (UTF-8), got {sent}",
+        param="Content-Type",
+        code="unsupported_media_type",
+    )
 
 
 def _too_large(size: int, limit: int) -> ApiError:

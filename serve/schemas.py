@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 EncodingFormat = Literal["float", "base64"]
 InputType = Literal["document", "query"]
@@ -52,6 +52,32 @@ class SearchRequest(_Request):
         description="A SQL filter on the table's columns, e.g. \"lang = 'en'\".",
     )
     model: StrictStr | None = Field(default=None, description="The served model's name, if given.")
+    rerank: StrictBool = Field(
+        default=False,
+        description="Rerank the vector search's first rerank_candidates rows with the server's reranker and "
+        "return the best top_k by its score (each row then has rerank_score).",
+    )
+    rerank_candidates: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="Rows handed to the reranker; default: the server's rerank_candidates.",
+    )
+    rerank_instruction: StrictStr | None = Field(default=None, description="The reranker's instruction.")
+
+
+class RerankRequest(_Request):
+    """POST /rerank: score documents against a query (TEI, Infinity and Cohere's request shape)."""
+
+    query: Any = Field(description="A string, or an item {text, image}.")
+    documents: Any = Field(description="A list of strings and {text, image} items.")
+    top_n: StrictInt | None = Field(default=None, ge=1, description="Return only the best N results.")
+    return_documents: StrictBool = Field(default=False, description="Echo each result's document.")
+    instruction: StrictStr | None = Field(
+        default=None,
+        description="What relevance means; default: the official 'Given a search query, retrieve relevant "
+        "candidates that answer the query.'",
+    )
+    model: StrictStr | None = Field(default=None, description="The served reranker's name, if given.")
 
 
 def encode_vector(vector, encoding_format: EncodingFormat):
@@ -87,8 +113,11 @@ def embedding_response(
     }
 
 
-def models_response(model: str, created: int) -> dict[str, Any]:
+def models_response(models: list[str], created: int) -> dict[str, Any]:
+    """The served models: the embedder's name, then the reranker's where there is one."""
     return {
         "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "vlm-embed"}],
+        "data": [
+            {"id": model, "object": "model", "created": created, "owned_by": "vlm-embed"} for model in models
+        ],
     }

@@ -133,3 +133,27 @@ def test_a_file_that_cannot_be_served_is_refused_with_a_message(tmp_path, conten
     path.write_text(content)
     with pytest.raises(LaunchError, match=words.replace(".", r"\.")):
         load_target(path)
+
+
+def test_a_serve_file_may_hold_the_reranker_and_its_deployment_options(tmp_path):
+    from serve.launch import with_reranker
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "applications:\n  - name: a\n    import_path: serve.app:build_app\n"
+        "    args: {config: {reranker: {model: tiny-reranker, max_length: 4096}}}\n"
+        "    deployments:\n      - name: RerankModel\n        num_replicas: 3\n"
+    )
+    target = load_target(path)
+    assert target.config.reranker.model == "tiny-reranker" and target.reranker == {"num_replicas": 3}
+    swapped = with_reranker(target, "Qwen/Qwen3-VL-Reranker-2B")
+    assert swapped.config.reranker.model == "Qwen/Qwen3-VL-Reranker-2B"
+    assert swapped.config.reranker.max_length == 4096  # the file's other reranker options stay
+    assert with_reranker(load_target(None), None).config.reranker is None
+
+
+def test_the_reranker_deployment_takes_its_replicas_and_gpus_from_the_serve_section():
+    from serve.app import rerank_deployment_options
+
+    options = rerank_deployment_options(ServeConfig(reranker_replicas=2, reranker_num_gpus=0.5))
+    assert options["num_replicas"] == 2 and options["ray_actor_options"]["num_gpus"] == 0.5

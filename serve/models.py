@@ -1,0 +1,214 @@
+"""The model deployments: the embedder (`EmbeddingModel`) and the reranker (`RerankModel`), each behind a batch queue.
+
+A model replica (a GPU, where the cluster has them) loads its model once, warms it up, and then puts the
+prepared items of concurrent calls into one forward pass through its `@serve.batch` queue, up to a
+padded-token budget, the forward pass on its own thread. HTTP, checks, tokenizing and responses stay on the
+ingress replicas (`serve.app`), so this process's one Python thread of control goes to forming batches and
+launching the forward pass: on a GPU a forward pass takes milliseconds, and per-request Python work here
+(one interpreter lock) would otherwise cap the requests per second and keep batches small. Both deployments
+share that machinery (`_BatchingReplica`); they differ in the model they load and what one item gives back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve as ray_serve
+
+from pipelines.config import Config, EmbedderConfig
+from pipelines.metrics import ServeMetrics
+from serve.autoscaling import PENDING_ITEMS
+
+MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
+RERANK_DEPLOYMENT = "RerankModel"  # the reranker and its batch queue
+
+
+@dataclass
+class _Pending:
+    """One prepared item waiting for a server batch; `cost` is its token count, capped at the budget."""
+
+    prepared: Any
+    cost: int
+
+
+def padded_tokens(batch: list[_Pending]) -> int:
+    """The `batch_size_fn`: what a batch costs once padded, items x the longest item's tokens."""
+    return len(batch) * max(p.cost for p in batch)
+
+
+@dataclass
+class BatchStats:
+    """Counts of this replica's server batches (reported by /healthz; the metrics go to Prometheus)."""
+
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    calls: int = 0  # calls from the ingress replicas (each carries one or more requests' items)
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.largest = max(self.largest, size)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "batches": self.batches,
+            "batched_items": self.items,
+            "largest_batch": self.largest,
+            "model_calls": self.calls,
+        }
+
+
+class _TokenBudgetWarningFilter(logging.Filter):
+    """Serve warns when max_batch_size exceeds max_ongoing_requests, counting requests; ours counts tokens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_batch_size" not in record.getMessage()
+
+
+def serving_embedder_config(config: Config) -> EmbedderConfig:
+    """The embedder options both deployments use: the config's, with the server's image-size bound."""
+    return config.embedder.model_copy(
+        update={"max_image_pixels": min(config.embedder.max_image_pixels, config.serve.max_image_pixels)}
+    )
+
+
+def serving_reranker_config(config: Config):
+    """The reranker options of the app (the config's, with the server's image-size bound), or None."""
+    if config.reranker is None:
+        return None
+    return config.reranker.model_copy(
+        update={"max_image_pixels": min(config.reranker.max_image_pixels, config.serve.max_image_pixels)}
+    )
+
+
+class _BatchingReplica:
+    """A model, a batch queue of prepared items, and the forward pass on a thread of its own."""
+
+    def _start(self, config: dict[str, Any], budget_tokens: int) -> None:
+        self.config = Config.model_validate(config)
+        self.metrics = ServeMetrics()
+        self.stats = BatchStats()
+        self.pending_items = 0
+        self._budget = budget_tokens
+        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        logging.getLogger("ray.serve").addFilter(_TokenBudgetWarningFilter())
+        self._run_batch.set_max_batch_size(self._budget)
+        self._run_batch.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
+
+    def _forward(self, prepared: list[Any]) -> Any:
+        """One server batch's results, in order (runs on the forward thread)."""
+        raise NotImplementedError
+
+    async def _gather(self, prepared: list[Any]) -> list[Any]:
+        """One call's prepared items join the items of concurrent calls; their results, in order."""
+        self.stats.calls += 1
+        self._queue_changed(len(prepared))
+        try:
+            return await asyncio.gather(
+                *(self._run_batch(_Pending(p, min(p.num_tokens, self._budget))) for p in prepared)
+            )
+        finally:
+            self._queue_changed(-len(prepared))
+
+    @ray_serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=padded_tokens)
+    async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._forward_pool, self._forward, [p.prepared for p in batch])
+        self.stats.record(len(batch))
+        self.metrics.batch(len(batch), time.perf_counter() - start)
+        return list(results)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `serve.autoscaling`'s policy scales on: the items this replica holds (queued or in a batch)."""
+        return {PENDING_ITEMS: float(self.pending_items)}
+
+    def _queue_changed(self, delta: int) -> None:
+        self.pending_items += delta
+        self.metrics.queue_depth(self.pending_items)
+
+    def _health(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.ready else "loading",
+            "replica": ray_serve.get_replica_context().replica_id.unique_id,
+            "pending_items": self.pending_items,
+            "warm_up_s": round(self.warm_up_s, 3),
+            **extra,
+            **self.stats.as_dict(),
+        }
+
+    def check_health(self) -> None:
+        """Serve's periodic replica health check: the model is loaded and its thread can still run."""
+        if not self.ready or self._forward_pool._shutdown:
+            raise RuntimeError("the model is not ready")
+
+
+@ray_serve.deployment(name=MODEL_DEPLOYMENT)
+class EmbeddingModel(_BatchingReplica):
+    """One embedder replica: it only embeds prepared items."""
+
+    def __init__(self, config: dict[str, Any]):
+        from pipelines.embedder import Embedder
+
+        embedder_config = serving_embedder_config(Config.model_validate(config))
+        self.embedder = Embedder.from_config(embedder_config)
+        self._start(config, max(embedder_config.max_batch_tokens, embedder_config.max_length))
+        self._warm_up()
+        self.ready = True
+
+    async def embed(self, prepared: list[Any]) -> np.ndarray:
+        """Vectors `[n, D]` for one call's prepared items."""
+        return np.stack(await self._gather(prepared))
+
+    def _forward(self, prepared: list[Any]) -> np.ndarray:
+        return self.embedder.embed_prepared(prepared)
+
+    def _warm_up(self) -> None:
+        """The embedder's own warm-up (compiles, with `compile=True`), then one text and, with an image
+        processor, one image through all three steps: a broken model fails the replica, not a request."""
+        from PIL import Image
+
+        has_images = self.embedder.image_processor is not None
+        self.warm_up_s = self.embedder.warm_up(image_side=64 if has_images else None)
+        items: list[Any] = ["warm up"]
+        if has_images:
+            items.append({"text": "warm up", "image": Image.new("RGB", (64, 64), (128, 64, 32))})
+        vectors = self.embedder.embed_batch(items)
+        if not np.isfinite(vectors).all():
+            raise RuntimeError("the warm-up batch gave non-finite vectors: the model is broken")
+
+    def health(self) -> dict[str, Any]:
+        return self._health(
+            dimension=self.embedder.get_embedding_dimension(), device=str(self.embedder.device)
+        )
+
+
+@ray_serve.deployment(name=RERANK_DEPLOYMENT)
+class RerankModel(_BatchingReplica):
+    """One reranker replica: it only scores prepared (query, document) pairs."""
+
+    def __init__(self, config: dict[str, Any]):
+        from pipelines.reranker import Reranker
+
+        reranker_config = serving_reranker_config(Config.model_validate(config))
+        self.reranker = Reranker.from_config(reranker_config)
+        self._start(config, max(reranker_config.max_batch_tokens, reranker_config.max_length + 16))
+        self.warm_up_s = self.reranker.warm_up()
+        self.ready = True
+
+    async def score(self, prepared: list[Any]) -> np.ndarray:
+        """Scores `[n]` for one call's prepared pairs."""
+        return np.asarray(await self._gather(prepared), np.float32)
+
+    def _forward(self, prepared: list[Any]) -> np.ndarray:
+        return self.reranker.score_prepared(prepared)
+
+    def health(self) -> dict[str, Any]:
+        return self._health(device=str(self.reranker.device))
