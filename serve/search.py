@@ -67,11 +67,15 @@ class SearchTable:
 
     @staticmethod
     def search(plan: QueryPlan, vector, top_k: int, where: str | None) -> list[dict[str, Any]]:
-        """The `top_k` nearest rows (id, score, text, modality, image_uri); a bad filter is a 422."""
+        """The `top_k` nearest rows (id, score, text, modality, image_uri); a bad filter is a 422: one that is
+        not exactly one condition on the table's columns (`pipelines.filters`), or one LanceDB refuses."""
+        from pipelines.filters import FilterError
         from pipelines.table import search_table
 
         try:
             return search_table(plan.table, vector, top_k=top_k, where=where)
+        except FilterError as exc:
+            raise ApiError(422, str(exc), param="filter", code="invalid_filter") from exc
         except ValueError as exc:
             if where is None:
                 raise

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.cli import main
 from pipelines.config import TableConfig
@@ -114,3 +116,50 @@ def test_the_search_command_refuses_a_bad_where_with_exit_2_and_names_the_filter
     assert main([*args, "modality = 'text'; DROP TABLE vectors"]) == 2
     err = capsys.readouterr().err
     assert "search: error: filter " in err and "more than one SQL statement" in err
+
+
+SQL_WORDS = [
+    "modality",
+    "Year",
+    "`my col`",
+    "'image'",
+    "=",
+    "<>",
+    "AND",
+    "OR",
+    "NOT",
+    "(",
+    ")",
+    ";",
+    "--",
+    "/*",
+    "*/",
+    "IN",
+    "LIKE",
+    "IS",
+    "NULL",
+    "1",
+    "'",
+    '"',
+    "SELECT",
+    "DROP",
+    "TABLE",
+    ",",
+    "garbage",
+    "TRUE",
+]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.text(max_size=60)
+    | st.lists(st.sampled_from(SQL_WORDS), max_size=10).map(" ".join)
+    | st.sampled_from(GOOD).flatmap(lambda good: st.sampled_from(SQL_WORDS).map(lambda w: f"{good} {w}"))
+)
+def test_any_string_is_passed_on_unchanged_or_refused_with_a_filter_error(where):
+    try:
+        checked = check_filter(where, COLUMNS)
+    except FilterError as exc:
+        assert str(exc).startswith("filter")
+        return
+    assert checked == where and ";" not in where.replace("';'", "")

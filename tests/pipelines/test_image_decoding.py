@@ -10,6 +10,8 @@ import warnings
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.items import ImageDecodeError, ImageTooLargeError, load_image
 from tests.conftest import image_bytes, make_image
@@ -206,6 +208,34 @@ def test_our_limit_does_not_reach_other_threads_opening_images_meanwhile():
 def test_the_embedder_refuses_a_truncated_image_and_keeps_the_good_items(embedder):
     with pytest.raises(ImageDecodeError, match="1 of 4096 rows"):
         embedder.embed_image(png_with_rows(4096, 4096, 1, color_type=2))
-    result = embedder.try_embed_batch(["fine", {"image": TRUNCATED["jpeg: cut in half, end marker appended"]}])
+    result = embedder.try_embed_batch(
+        ["fine", {"image": TRUNCATED["jpeg: cut in half, end marker appended"]}]
+    )
     assert list(result.indices) == [0]
     assert [error.kind for error in result.errors] == ["image_decode"]
+
+
+SAMPLES = [data for data in COMPLETE.values() if len(data) < 20_000]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.sampled_from(SAMPLES).flatmap(
+        lambda data: st.one_of(
+            st.integers(0, len(data)).map(lambda n: data[:n]),  # cut anywhere
+            st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)).map(  # one byte changed
+                lambda change: data[: change[0]] + bytes([change[1]]) + data[change[0] + 1 :]
+            ),
+        )
+    )
+    | st.binary(max_size=64)
+)
+def test_any_bytes_decode_to_an_rgb_image_or_an_item_error(data):
+    from pipelines.items import ItemError
+
+    try:
+        image = load_image(data, 1_000_000)
+    except ItemError as exc:
+        assert exc.kind in ("image_decode", "image_too_large") and exc.reason
+        return
+    assert image.mode == "RGB" and image.width * image.height <= 1_000_000

@@ -147,7 +147,12 @@ def test_haproxy_serves_the_embedders_vectors_on_loopback_and_stops_on_ctrl_c(tm
         config = EmbedderConfig(model=str(tiny_model_dir), device="cpu", dtype="float32")
         expected = Embedder.from_config(config).embed_batch(texts)
         np.testing.assert_allclose(served_vectors, expected, atol=1e-5)
-        bad = httpx.post(f"{url}/v1/embeddings", content=b"{not json", timeout=30)
+        bad = httpx.post(
+            f"{url}/v1/embeddings",
+            content=b"{not json",
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
         served.stop_with_ctrl_c(timeout_s=120)
         time.sleep(1)

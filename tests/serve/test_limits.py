@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from tests.conftest import image_bytes
+from tests.pipelines.test_image_decoding import png_with_rows
 from tests.serve.conftest import LIMITS, b64_image
 
 LONG_TEXT = "word " * (LIMITS["max_text_chars"] // 5 + 1)
@@ -63,6 +64,13 @@ BAD_EMBEDDING_REQUESTS = [
         422,
         "input[0].image",
         "image",
+    ),
+    (
+        "a PNG whose header says 160x160 and that holds one row",
+        {"input": ["ok", {"image": base64.b64encode(png_with_rows(160, 160, 1, color_type=2)).decode()}]},
+        422,
+        "input[1].image",
+        "is truncated: its header says 160x160 but its pixel data holds 1 of 160 rows",
     ),
     ("an image URL", {"input": [{"image": "https://example.com/cat.png"}]}, 422, "input[0].image", "inline"),
     ("a server path", {"input": [{"image": "/etc/hostname"}]}, 422, "input[0].image", "inline"),
