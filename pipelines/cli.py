@@ -111,11 +111,12 @@ examples:
     p.set_defaults(handler=_run_embed)
 
 
-def _read_jsonl_items(path: Path) -> Iterator[Any]:
+def read_jsonl_items(path: Path, flag: str = "--input") -> Iterator[Any]:
+    """The items of a JSONL file (image paths made relative to it); an unparseable line is a `BadLine`."""
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot read --input {path}: {exc.strerror or exc}") from exc
+        raise CliError(f"cannot read {flag} {path}: {exc.strerror or exc}") from exc
     with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -123,13 +124,13 @@ def _read_jsonl_items(path: Path) -> Iterator[Any]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                item = _BadLine(f"{path}:{number}: not valid JSON ({exc.msg})")
+                item = BadLine(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})")
             if isinstance(item, dict) and isinstance(item.get("image"), str):
                 item = dict(item, image=str(path.parent / item["image"]))
             yield item
 
 
-class _BadLine:
+class BadLine:
     """A placeholder item for an unparseable input line; it fails as an item, so the others still run."""
 
     def __init__(self, message: str):
@@ -138,7 +139,7 @@ class _BadLine:
 
 def _collect_items(args) -> Iterator[Any]:
     if args.input is not None:
-        yield from _read_jsonl_items(args.input)
+        yield from read_jsonl_items(args.input)
     if args.pair:
         if len(args.texts) != len(args.image):
             raise CliError(
@@ -162,12 +163,12 @@ def _run_embed(args) -> int:
     embedder = Embedder.from_config(config_from_flags(args, EmbedderConfig))
     failures = 0
     for start, chunk in _chunks(_collect_items(args), args.chunk_size):
-        good = [(offset, item) for offset, item in enumerate(chunk) if not isinstance(item, _BadLine)]
+        good = [(offset, item) for offset, item in enumerate(chunk) if not isinstance(item, BadLine)]
         ids = {offset: item.pop("id") for offset, item in good if isinstance(item, dict) and "id" in item}
         result = embedder.try_embed_batch([item for _, item in good])
         errors = {good[e.index][0]: e.reason for e in result.errors}
         errors.update(
-            {offset: item.message for offset, item in enumerate(chunk) if isinstance(item, _BadLine)}
+            {offset: item.message for offset, item in enumerate(chunk) if isinstance(item, BadLine)}
         )
         for index, vector in zip(result.indices, result.vectors, strict=True):
             offset = good[index][0]

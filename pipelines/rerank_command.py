@@ -45,29 +45,8 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, RerankerConfig)
 
 
-def _read_documents(path: Path) -> list[Any]:
-    from pipelines.cli import CliError
-
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise CliError(f"cannot read --documents {path}: {exc.strerror or exc}") from exc
-    documents = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            document = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
-        if isinstance(document, dict) and isinstance(document.get("image"), str):
-            document = dict(document, image=str(path.parent / document["image"]))
-        documents.append(document)
-    return documents
-
-
 def run_rerank_command(args: argparse.Namespace) -> int:
-    from pipelines.cli import CliError
+    from pipelines.cli import BadLine, CliError, read_jsonl_items
     from pipelines.reranker import Reranker
 
     query: dict[str, Any] = {}
@@ -79,20 +58,24 @@ def run_rerank_command(args: argparse.Namespace) -> int:
         raise CliError("no query: give QUERY and/or --query-image FILE")
     documents = list(args.documents)
     if args.documents_file is not None:
-        documents += _read_documents(args.documents_file)
+        documents += read_jsonl_items(args.documents_file, "--documents")
     if not documents:
         raise CliError("no documents: give DOCs after the query or --documents DOCS.JSONL")
     if args.top_n is not None and args.top_n < 1:
         raise CliError("--top-n must be at least 1")
-    ids = {i: d.pop("id") for i, d in enumerate(documents) if isinstance(d, dict) and "id" in d}
     from pipelines.items import ItemError
 
+    ids = {i: d.pop("id") for i, d in enumerate(documents) if isinstance(d, dict) and "id" in d}
+    bad = {i: d.message for i, d in enumerate(documents) if isinstance(d, BadLine)}
+    good = [i for i in range(len(documents)) if i not in bad]
     reranker = Reranker.from_config(config_from_flags(args, RerankerConfig))
     try:
-        result = reranker.try_score(query, documents)
+        result = reranker.try_score(query, [documents[i] for i in good])
     except ItemError as exc:
         raise CliError(f"the query: {exc.reason}") from exc
-    scored = sorted(zip(result.indices, result.scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    errors = {**bad, **{good[e.index]: e.reason for e in result.errors}}
+    indices = [good[i] for i in result.indices]
+    scored = sorted(zip(indices, result.scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
     for rank, (index, score) in enumerate(scored[: args.top_n or len(scored)], start=1):
         document = documents[index]
         shown = document if isinstance(document, str) else document.get("text") or document.get("image")
@@ -106,6 +89,6 @@ def run_rerank_command(args: argparse.Namespace) -> int:
             print(json.dumps({**record, "document": document}))
         else:
             print(f"{rank}\t{score:.4f}\t{ids.get(index, index)}\t{shown}")
-    for error in result.errors:
-        print(f"error: document {error.index}: {error.reason}", file=sys.stderr)
-    return EXIT_ITEM_ERRORS if result.errors else 0
+    for index in sorted(errors):
+        print(f"error: document {index}: {errors[index]}", file=sys.stderr)
+    return EXIT_ITEM_ERRORS if errors else 0

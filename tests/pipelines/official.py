@@ -55,6 +55,38 @@ def processor_from_parts(tokenizer, image_processor, padding_side: str):
     )
 
 
+def processor_of(directory, padding_side: str):
+    """`processor_from_parts` of a checkpoint directory's own tokenizer and image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return processor_from_parts(
+        AutoTokenizer.from_pretrained(directory),
+        AutoImageProcessor.from_pretrained(directory, backend="pil"),
+        padding_side=padding_side,
+    )
+
+
+def embedding_reference(directory):
+    """A function from conversations to the official vectors `[n, D]` (numpy) of a checkpoint directory."""
+    from transformers import Qwen3VLModel
+
+    model = Qwen3VLModel.from_pretrained(directory, dtype=torch.float32).eval()
+    processor = processor_of(directory, "right")
+    return lambda conversations: official_embeddings(model, processor, conversations)[0].numpy()
+
+
+def reranker_reference(directory):
+    """A function (query, documents, instruction=None) -> the official scores of a checkpoint directory."""
+    import numpy as np
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    processor = processor_of(directory, "left")
+    return lambda query, documents, instruction=None: np.array(
+        official_rerank_scores(model, processor, query, documents, instruction)
+    )
+
+
 def _with_period(instruction: str) -> str:
     instruction = instruction.strip()
     if instruction and not unicodedata.category(instruction[-1]).startswith("P"):

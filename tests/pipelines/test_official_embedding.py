@@ -48,14 +48,7 @@ def flavour(request, tiny_embedding_dir, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def processor(flavour):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    directory = flavour[1]
-    return official.processor_from_parts(
-        AutoTokenizer.from_pretrained(directory),
-        AutoImageProcessor.from_pretrained(directory, backend="pil"),
-        padding_side="right",
-    )
+    return official.processor_of(flavour[1], padding_side="right")
 
 
 def _item(text, image, instruction=None):

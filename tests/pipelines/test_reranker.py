@@ -27,15 +27,11 @@ DOCUMENTS = [
 def flavour(request, tiny_reranker_dir, tiny_embedding_dir):
     """(generation model, official processor, our reranker): the reranker flavour (an LM head of its own, a
     tokenizer that adds nothing) and the embedding one (tied head, a tokenizer that appends <|endoftext|>)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     directory = tiny_reranker_dir if request.param == "reranker" else tiny_embedding_dir
     model = Qwen3VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
-    processor = official.processor_from_parts(
-        AutoTokenizer.from_pretrained(directory),
-        AutoImageProcessor.from_pretrained(directory, backend="pil"),
-        padding_side="left",
-    )
+    processor = official.processor_of(directory, padding_side="left")
     reranker = Reranker.load(str(directory), device="cpu", dtype="float32")
     return model, processor, reranker
 

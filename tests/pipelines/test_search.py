@@ -129,22 +129,14 @@ def embedding_table(tmp_path_factory, tiny_embedding_dir):
 
 def test_search_embeds_the_query_with_the_official_query_instruction(embedding_table, tiny_embedding_dir):
     """The score of each row is the official query vector against the official document vector."""
-    import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLModel
-
     from tests.pipelines import official
 
     config, embedder = embedding_table
-    model = Qwen3VLModel.from_pretrained(tiny_embedding_dir, dtype=torch.float32).eval()
-    processor = official.processor_from_parts(
-        AutoTokenizer.from_pretrained(tiny_embedding_dir),
-        AutoImageProcessor.from_pretrained(tiny_embedding_dir, backend="pil"),
-        padding_side="right",
-    )
+    reference = official.embedding_reference(tiny_embedding_dir)
     query = "the sky at night"
     conversations = [official.embedding_conversation(query, None, official.QUERY_INSTRUCTION)]
     conversations += [official.embedding_conversation(text) for text in TEXTS.values()]
-    vectors = official.official_embeddings(model, processor, conversations)[0].numpy()
+    vectors = reference(conversations)
     expected = dict(zip(TEXTS, vectors[1:] @ vectors[0], strict=True))
     rows = search(config, query, top_k=3, embedder=embedder)
     assert {row["id"]: pytest.approx(float(expected[row["id"]]), abs=1e-5) for row in rows} == {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from pipelines.config import TableConfig
 from tests.pipelines import official
@@ -20,15 +19,7 @@ QUERY = "which shape is red?"
 @pytest.fixture(scope="module")
 def reference(tiny_embedding_dir):
     """The official procedure on the same checkpoint: a function from conversations to vectors."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLModel
-
-    model = Qwen3VLModel.from_pretrained(tiny_embedding_dir, dtype=torch.float32).eval()
-    processor = official.processor_from_parts(
-        AutoTokenizer.from_pretrained(tiny_embedding_dir),
-        AutoImageProcessor.from_pretrained(tiny_embedding_dir, backend="pil"),
-        padding_side="right",
-    )
-    return lambda conversations: official.official_embeddings(model, processor, conversations)[0].numpy()
+    return official.embedding_reference(tiny_embedding_dir)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import base64
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from pipelines.config import RerankerConfig
 from tests.conftest import image_bytes, make_image
@@ -23,17 +22,7 @@ DOCUMENTS = ["a red circle on a white background", "three apples on a wooden tab
 @pytest.fixture(scope="module")
 def official_scores(tiny_reranker_dir):
     """The official procedure on the reranker checkpoint: (query, documents) -> scores."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
-
-    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_reranker_dir, dtype=torch.float32).eval()
-    processor = official.processor_from_parts(
-        AutoTokenizer.from_pretrained(tiny_reranker_dir),
-        AutoImageProcessor.from_pretrained(tiny_reranker_dir, backend="pil"),
-        padding_side="left",
-    )
-    return lambda query, documents, instruction=None: np.array(
-        official.official_rerank_scores(model, processor, query, documents, instruction)
-    )
+    return official.reranker_reference(tiny_reranker_dir)
 
 
 @pytest.fixture(scope="module")
