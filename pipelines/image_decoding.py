@@ -4,7 +4,8 @@
 it warns above ~89 Mpx and refuses at twice that, ~179 Mpx), checked as an image is opened and again as some
 formats load. Our `max_image_pixels` must be the limit that applies, above PIL's as well as below it, and the
 one an error names; and changing PIL's setting, even for the duration of one call, would change it for every
-other thread and library in the process. So PIL's check reads a context variable instead: inside
+other thread and library in the process. So PIL's check (`Image._decompression_bomb_check`, which its
+plugins call by that name) is wrapped, once, to read a context variable first: inside
 `pixel_limit(n)` it enforces `n` (and never warns); everywhere else it is PIL's own check, unchanged. Context
 variables are per thread (and per asyncio task), so a limit never reaches code running beside ours.
 
