@@ -143,3 +143,39 @@ def test_search_embeds_the_query_with_the_official_query_instruction(embedding_t
         row["id"]: row["score"] for row in rows
     }
     assert rows[0]["score"] < 0.9999  # a query is not embedded like the document with the same text
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_reranker_dir):
+    from pipelines.reranker import Reranker
+
+    return Reranker.load(str(tiny_reranker_dir), device="cpu", dtype="float32")
+
+
+def test_search_with_a_reranker_orders_the_candidates_by_its_score(table, reranker):
+    config, image = table
+    plain = search(config, "a red circle", top_k=5)
+    rows = search(config, "a red circle", top_k=3, reranker=reranker, rerank_candidates=5)
+    documents = [
+        {k: v for k, v in (("text", row["text"]), ("image", row["image_uri"])) if v is not None}
+        for row in plain
+    ]
+    expected = dict(
+        zip([row["id"] for row in plain], reranker.score({"text": "a red circle"}, documents), strict=True)
+    )
+    assert [row["id"] for row in rows] == sorted(expected, key=lambda i: -expected[i])[:3]
+    assert [row["rerank_score"] for row in rows] == pytest.approx(
+        [expected[row["id"]] for row in rows], abs=1e-6
+    )
+    cosine = {row["id"]: row["score"] for row in plain}
+    assert all(row["score"] == pytest.approx(cosine[row["id"]]) for row in rows)  # the cosine score is kept
+
+
+def test_the_command_reranks_with_rerank_and_prints_both_scores(table, tiny_reranker_dir, capsys):
+    config, _ = table
+    argv = ["search", "the sky at night", "--table", config.uri, "--top-k", "2", "--device", "cpu"]
+    assert main([*argv, "--rerank", str(tiny_reranker_dir), "--rerank-candidates", "4"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2 and all(len(line) == 5 for line in lines)
+    assert float(lines[0][1]) >= float(lines[1][1])  # rank, rerank score, cosine, id, text
+    assert main([*argv, "--rerank", str(tiny_reranker_dir), "--rerank-candidates", "0"]) == 2

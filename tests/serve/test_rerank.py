@@ -143,3 +143,12 @@ def test_health_and_models_name_the_reranker(rerank_app, tiny_reranker_dir):
     health = rerank_app.get("/healthz").json()
     assert health["status"] == "ok" and health["reranker"]["status"] == "ok"
     assert [m["id"] for m in rerank_app.get("/v1/models").json()["data"]][1] == str(tiny_reranker_dir)
+
+
+def test_rerank_needs_the_api_key_like_every_route(rerank_app):
+    import httpx
+
+    response = httpx.post(
+        f"{rerank_app.base_url}rerank", json={"query": QUERY, "documents": DOCUMENTS}, timeout=30
+    )
+    assert response.status_code == 401, response.text
