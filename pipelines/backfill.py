@@ -75,15 +75,21 @@ def sample_job_config(uri: str | None = None) -> Config:
 # -- Ray -----------------------------------------------------------------------------------------------------
 
 
-def connect_ray(resources: ResourcesConfig) -> None:
+def connect_ray(resources: ResourcesConfig, quiet: bool = False) -> None:
     """Join the cluster the job runs on: `ray_address`, else RAY_ADDRESS (set by `ray job submit`), else a new
-    local Ray. A session that is already initialised (a notebook, a test) is used as it is."""
+    local Ray. A session that is already initialised (a notebook, a test) is used as it is. `quiet`: Ray's own
+    output goes to its log files (`pipelines.ray_logs`)."""
     import ray
 
     if ray.is_initialized():
         return
     address = resources.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
-    ray.init(address=address)
+    if quiet:
+        from pipelines.ray_logs import init_ray_quietly
+
+        init_ray_quietly(address)
+    else:
+        ray.init(address=address)
 
 
 def absolute_paths(config: Config, cwd: str) -> Config:
@@ -133,11 +139,13 @@ def embedding_dimension(config: EmbedderConfig) -> int:
 # -- the job -------------------------------------------------------------------------------------------------
 
 
-def run_backfill(config: Config, on_batch: Callable[[int], None] | None = None) -> BackfillSummary:
+def run_backfill(
+    config: Config, on_batch: Callable[[int], None] | None = None, quiet: bool = False
+) -> BackfillSummary:
     """Embed every source row into the vectors table or record it in the errors table, exactly once.
 
     `on_batch(rows)`, if given, is called after each output batch reaches the sink (benchmarks time the steady
-    state with it)."""
+    state with it). `quiet`: if this call starts Ray, Ray's own output goes to its log files."""
     from pipelines.readers import read_source
     from pipelines.sink import BackfillSink
     from pipelines.source_check import check_sources
@@ -150,13 +158,14 @@ def run_backfill(config: Config, on_batch: Callable[[int], None] | None = None) 
     check_sources(config.sources)  # before Ray starts and before a table is touched: fail in a second
     dimension = embedding_dimension(config.embedder)
     kept = kept_columns(config)
-    connect_ray(config.resources)  # before LanceDB starts its threads: Ray forks its processes
+    connect_ray(config.resources, quiet)  # before LanceDB starts its threads: Ray forks its processes
     sink = BackfillSink(config.table, config.embedder, dimension, kept)
     done = sink.open()
     datasets = [read_source(source) for source in config.sources]
     if done:
         log.info("resuming: %d ids are already in the tables and will be skipped", len(done))
-    pipeline = build_pipeline(datasets, config, done_set(sorted(done)), resolve_num_gpus(config.resources))
+    num_gpus = resolve_num_gpus(config.resources)
+    pipeline = build_pipeline(datasets, config, done_set(sorted(done)), num_gpus, dimension)
     try:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.write(batch)
@@ -166,6 +175,8 @@ def run_backfill(config: Config, on_batch: Callable[[int], None] | None = None) 
         _commit_what_is_done(sink)
         raise
     counts = sink.close()
+    if counts.read and not counts.embedded + counts.errored:
+        log.info("nothing left to do: all %d rows were already in the tables", counts.read)
     summary = BackfillSummary(
         read=counts.read,
         embedded=counts.embedded,
@@ -231,6 +242,12 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         help="a source (jsonl, csv, parquet or images) instead of the config's; repeatable; columns: "
         "'id' is not used (content-hash ids), 'text' and 'image' are found by name",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray's own output (start-up, Ray Data's plan and progress logs, the workers' output); "
+        "without it, that goes to the Ray session's log files (/tmp/ray/session_*/logs on a local Ray)",
+    )
     for section in SECTIONS.values():
         add_config_flags(parser, section, skip=SKIPPED_FLAGS)
 
@@ -258,10 +275,14 @@ def run_backfill_command(args: argparse.Namespace) -> int:
     from ray.exceptions import RayError
 
     from pipelines.loading import ModelLoadError
+    from pipelines.ray_logs import ConsoleHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[ConsoleHandler()])
+    verbose = getattr(args, "verbose", False)
+    if not verbose:  # before transformers is imported: its progress bars (a model's shards) read this once
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        summary = run_backfill(config_from_args(args))
+        summary = run_backfill(config_from_args(args), quiet=not verbose)
     except (FileNotFoundError, ModelLoadError, ValueError) as exc:
         if isinstance(exc, RayError):  # a failure inside the pipeline: keep Ray's traceback
             raise

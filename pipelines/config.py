@@ -351,7 +351,11 @@ class TableConfig(StrictModel):
         description="Embed again the rows recorded in the errors table (they are skipped otherwise).",
     )
     commit_rows: int = Field(
-        default=1024, ge=1, description="Rows per commit; a crash loses at most this much work."
+        default=1024,
+        ge=1,
+        description="Most rows in one commit (each table version adds at most this many); fewer wait "
+        "uncommitted between batches, so a crash loses at most this many finished rows, plus the batches "
+        "still in the pipeline, which the rerun redoes.",
     )
     vector_index_min_rows: int = Field(
         default=100_000, ge=1, description="Build a cosine vector index once the table has this many rows."

@@ -1,4 +1,4 @@
-"""The sink of a backfill: one writer, on the driver, committing bounded chunks through LanceDB's own API.
+"""The sink of a backfill: one writer, on the driver, committing chunks of `commit_rows` through LanceDB's API.
 
 Why one writer: Lance commits are optimistic, and many concurrent committers on one table conflict at scale;
 Ray 2.60's `write_lance` does not work with current pylance. Embedding, not writing, is the bottleneck, so one
@@ -9,8 +9,9 @@ process appending `commit_rows` rows per commit keeps up, and it can keep the in
 - Resume: at start, the ids in both tables are "done" and are dropped before the CPU stage (`stages.mark_done`).
 - Within a run, an id seen twice (the same content twice, or a repeated id column value) is written once; the
   repeats count as skipped.
-- Each commit is atomic. A crash loses at most the uncommitted buffers, whose rows are in neither table and
-  are simply done again by the rerun.
+- Each commit is atomic and holds at most `commit_rows` rows; after each batch fewer than `commit_rows` rows
+  (vectors and errors together) wait uncommitted. A crash loses at most those, plus the batches still in
+  flight in the pipeline: their rows are in neither table and are simply done again by the rerun.
 - Errors are upserted by id. With `retry_errors`, a retried row that now succeeds is deleted from the errors
   table right after its vector is committed; a crash between the two commits leaves the id in both tables,
   which the next start repairs (the vectors table wins), before anything else.
@@ -84,6 +85,7 @@ class BackfillSink:
         self.done: set[str] = set()
         self.retried: set[str] = set()
         self._vector_parts: list = []
+        self._vectors_waiting = 0
         self._error_rows: list[dict[str, Any]] = []
         self.indexes: list[str] = []
 
@@ -121,7 +123,7 @@ class BackfillSink:
     # -- rows ----------------------------------------------------------------------------------------------
 
     def write(self, batch) -> None:
-        """Take one batch of the pipeline's output (`stages.output_schema`); commit when a buffer is full."""
+        """Take one batch of the pipeline's output (`stages.output_schema`); commit each full `commit_rows`."""
         ids = batch["id"].to_pylist()
         status = batch["status"].to_pylist()
         take: list[int] = []
@@ -145,10 +147,18 @@ class BackfillSink:
                 raise RuntimeError(f"row {row_id!r} reached the sink with status {state!r}")
         if take:
             self._vector_parts.append(batch.take(take))
-        if sum(p.num_rows for p in self._vector_parts) >= self.config.commit_rows:
-            self.flush_vectors()
-        if len(self._error_rows) >= self.config.commit_rows:
-            self.flush_errors()
+            self._vectors_waiting += len(take)
+        limit = self.config.commit_rows
+        while self.pending_rows >= limit:  # a batch may be many commits' worth
+            if self._vectors_waiting:
+                self._commit_vectors(limit)
+            else:
+                self._commit_errors(limit)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken but not committed yet (vectors and errors): fewer than `commit_rows` after each batch."""
+        return self._vectors_waiting + len(self._error_rows)
 
     def _error(self, row_id: str, source: str, stage: str, reason: str) -> None:
         self._error_rows.append({"id": row_id, "source": source, "stage": stage, "reason": reason})
@@ -156,12 +166,24 @@ class BackfillSink:
     # -- commits -------------------------------------------------------------------------------------------
 
     def flush_vectors(self) -> None:
+        """Commit every waiting vector, `commit_rows` at a time."""
+        while self._vectors_waiting:
+            self._commit_vectors(self.config.commit_rows)
+
+    def flush_errors(self) -> None:
+        """Commit every waiting error row, `commit_rows` at a time."""
+        while self._error_rows:
+            self._commit_errors(self.config.commit_rows)
+
+    def _commit_vectors(self, limit: int) -> None:
+        """One commit: the first `limit` waiting vectors (less the rows whose kept values do not fit)."""
         import pyarrow as pa
 
-        if not self._vector_parts:
-            return
-        rows = pa.concat_tables(self._vector_parts)
-        self._vector_parts = []
+        waiting = pa.concat_tables(self._vector_parts)
+        rows = waiting.slice(0, limit)
+        rest = waiting.slice(limit)
+        self._vector_parts = [rest] if rest.num_rows else []
+        self._vectors_waiting = rest.num_rows
         kept, bad = self._kept_columns(rows)
         if bad:
             good = [i for i in range(rows.num_rows) if i not in bad]
@@ -187,13 +209,12 @@ class BackfillSink:
         if retried:  # they succeeded this time: their old error rows go
             self._delete_errors(retried)
 
-    def flush_errors(self) -> None:
+    def _commit_errors(self, limit: int) -> None:
+        """One commit: the first `limit` waiting error rows, upserted by id."""
         import pyarrow as pa
 
-        if not self._error_rows:
-            return
-        data = pa.Table.from_pylist(self._error_rows, schema=errors_schema())
-        self._error_rows = []
+        data = pa.Table.from_pylist(self._error_rows[:limit], schema=errors_schema())
+        self._error_rows = self._error_rows[limit:]
         merge = self.errors.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
         merge.execute(data)
         self.counts.errored += data.num_rows

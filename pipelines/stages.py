@@ -4,8 +4,10 @@
    `done`, so a resumed job never prepares or embeds them again.
 2. `prepare_batch` (CPU, Ray Data tasks): `Preparer.prepare` on every `todo` row: image read and decode, EXIF
    orientation, RGB, resize, prompt template, tokenization, positions. Only the tokenizer and the image
-   processor are loaded here, never the weights. A bad row becomes an `error` row (stage `prepare`).
-3. `EmbedActor` (GPU, an actor pool): holds one `Embedder`; runs `embed_prepared` on the batch's prepared rows.
+   processor are loaded here, never the weights, and only for a batch with such rows. A bad row becomes an
+   `error` row (stage `prepare`).
+3. `EmbedActor` (GPU, an actor pool): holds one `Embedder`, loaded on the first batch with rows to embed (a
+   rerun with nothing left to do loads none); runs `embed_prepared` on the batch's prepared rows.
    A failing forward pass is bisected down to the failing items, which become `error` rows (stage `embed`),
    so one bad item never loses the rest of its batch.
 
@@ -161,9 +163,10 @@ def prepare_batch(batch, config_json: str):
 
     from pipelines.items import ItemError
 
-    preparer = _cached_preparer(config_json)
-    metrics = PipelineMetrics()
     rows = batch.to_pylist()
+    # a batch of done and unreadable rows only (a rerun) loads no tokenizer
+    preparer = _cached_preparer(config_json) if any(r["status"] == "todo" for r in rows) else None
+    metrics = PipelineMetrics()
     out: dict[str, list] = {c: [] for c in (*PASS_COLUMNS, "modality", *ARRAY_COLUMNS, "truncated")}
     empty = {c: np.zeros(0, t) for c, t in ARRAY_COLUMNS.items()}
     read_errors = prepare_errors = 0
@@ -210,16 +213,35 @@ def _rows_of(column) -> list[np.ndarray]:
 
 
 class EmbedActor:
-    """One `Embedder` per actor (on its GPU, or the CPU when the pool has `num_gpus=0`)."""
+    """One `Embedder` per actor (on its GPU, or the CPU when the pool has `num_gpus=0`).
 
-    def __init__(self, config_json: str):
+    Given the vector size (`dimension`, which the driver reads from the checkpoint's config), the actor loads
+    the model on its first batch with rows to embed, not when it starts: a rerun whose rows are all done
+    passes them through without ever loading (or compiling) a model."""
+
+    def __init__(self, config_json: str, dimension: int | None = None):
+        self.config = EmbedderConfig.model_validate_json(config_json)
+        self.embedder = None
+        self._dimension = dimension
+        self.metrics = PipelineMetrics()
+        if dimension is None:
+            self._load()
+
+    @property
+    def dimension(self) -> int:
+        if self._dimension is None:
+            self._load()
+        return self._dimension
+
+    def _load(self) -> None:
         from pipelines.embedder import Embedder
 
-        config = EmbedderConfig.model_validate_json(config_json)
-        self.embedder = Embedder.from_config(config)
-        self.dimension = self.embedder.get_embedding_dimension()
-        self.metrics = PipelineMetrics()
-        if getattr(config, "compile", False):  # compile before taking work, not inside the first batch
+        self.embedder = Embedder.from_config(self.config)
+        loaded = self.embedder.get_embedding_dimension()
+        if self._dimension is not None and loaded != self._dimension:
+            raise RuntimeError(f"the model gives {loaded}-d vectors, the table expects {self._dimension}")
+        self._dimension = loaded
+        if self.config.compile:  # compile before the first batch's items, not inside their forward pass
             self.embedder.warm_up()
 
     def __call__(self, batch):
@@ -233,6 +255,8 @@ class EmbedActor:
         todo = [i for i, s in enumerate(status) if s == "todo"]
         vectors = np.zeros((batch.num_rows, self.dimension), np.float32)
         if todo:
+            if self.embedder is None:
+                self._load()
             arrays = {c: _rows_of(batch[c]) for c in ARRAY_COLUMNS}
             truncated = batch["truncated"].to_pylist()
             prepared = [
@@ -299,12 +323,15 @@ def prepare_memory(config: Config) -> int:
     return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
 
 
-def build_pipeline(datasets: list, config: Config, done: np.ndarray, num_gpus: float):
+def build_pipeline(
+    datasets: list, config: Config, done: np.ndarray, num_gpus: float, dimension: int | None = None
+):
     """Per source: read -> mark done; then, for all: prepare (CPU tasks) -> embed (actor pool), one lazy Dataset.
 
     The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it
     can hold. As their resources differ from the read's and the actors', Ray Data also keeps them a separate
     operator: a large file is prepared by many tasks, and the actors never decode while their GPU waits.
+    With `dimension` given, the actors load their model only once rows reach them that need it.
     """
     import ray
 
@@ -328,7 +355,7 @@ def build_pipeline(datasets: list, config: Config, done: np.ndarray, num_gpus: f
     )
     return ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"config_json": embedder_json},
+        fn_constructor_kwargs={"config_json": embedder_json, "dimension": dimension},
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_rows,
         batch_format="pyarrow",

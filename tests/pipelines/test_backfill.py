@@ -2,7 +2,9 @@
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from pipelines.search import search
 from pipelines.sink import table_ids
 from pipelines.table import TableConfigMismatch, connect
 from tests.pipelines.corpus import write_corpus
+from tests.pipelines.table_versions import rows_added_per_version
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,67 +122,129 @@ def test_a_rerun_skips_what_is_done_and_retries_errors_on_request(first_run, cor
 
 
 CRASHING_DRIVER = """
-import sys, ray
-from pipelines.backfill import kept_columns, run_backfill
-from pipelines.cli import main as cli_main
+import sys, time, ray
+from pipelines.backfill import run_backfill
 from pipelines.config import Config
 ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2])
-run_backfill(Config.from_yaml(sys.argv[1]))
+received = 0
+def on_batch(rows):  # called after the sink took a batch
+    global received
+    received += rows
+    if received >= int(sys.argv[3]):
+        print(received, flush=True)
+        time.sleep(3600)  # here until the test kills the process
+run_backfill(Config.from_yaml(sys.argv[1]), on_batch=on_batch)
 """
 
 
-def test_a_job_killed_mid_run_and_rerun_ends_with_every_id_exactly_once(
+def _read_line(process, seconds: float) -> str:
+    import select
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if select.select([process.stdout], [], [], 0.5)[0]:
+            return process.stdout.readline().strip()
+    return ""
+
+
+def test_a_job_killed_mid_run_loses_at_most_one_commit_and_the_rerun_has_every_id_exactly_once(
     tmp_path, tiny_model_dir, ray_session
 ):
     rows = [{"id": f"doc-{i:04d}", "text": f"document number {i} " + "word " * (i % 40)} for i in range(1200)]
-    rows[7]["text"] = "   "  # a bad row, so both tables are written to
+    for row in rows[::5]:
+        row["text"] = "   "  # bad rows, so both tables are written to
     rows.append(dict(rows[3]))  # a repeated row
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    commit_rows = 8
     config = job(
         tiny_model_dir,
         tmp_path / "db",
         [SourceConfig(kind="jsonl", path=str(source), id_column="id")],
-        commit_rows=8,
+        commit_rows=commit_rows,
     )
+    config = config.model_copy(update={"resources": ResourcesConfig(batch_rows=32, prepare_batch_rows=32)})
     config_file = tmp_path / "job.yaml"
     config_file.write_text(config.to_yaml())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     temp_dir = f"/tmp/rk{os.getpid()}"
     driver = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_DRIVER, str(config_file), temp_dir],
+        [sys.executable, "-c", CRASHING_DRIVER, str(config_file), temp_dir, "300"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            try:
-                if tables(config.table.uri)[0].count_rows() > 0:
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.2)
-        assert driver.poll() is None, "the job ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)
+        line = _read_line(driver, 300)
+        assert line, "the job ended (or hung) before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # kill -9, with batches in flight in the pipeline
         driver.wait(timeout=30)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the Ray processes the killed driver had started
         shutil.rmtree(temp_dir, ignore_errors=True)
+    received = int(line)  # rows the sink had taken when it was killed (a repeat among them is never written)
     vectors, errors = tables(config.table.uri)
     committed = vectors.count_rows() + errors.count_rows()
     assert 0 < committed < len(rows) - 1, "the kill should land mid-run"
+    assert received - committed <= commit_rows, f"{received} rows taken, {committed} committed"
+    db = connect(config.table)
+    for name in ("vectors", "errors"):
+        assert max(rows_added_per_version(db, name)) <= commit_rows, f"a commit of {name} was too large"
 
     summary = run_backfill(config)
     assert summary.adds_up and summary.read == len(rows)
     assert summary.already_done == committed and summary.duplicates == 1
     assert summary.embedded + summary.errored == len(rows) - 1 - committed
     assert_exactly_once(config.table.uri, {r["id"] for r in rows})
-    assert "doc-0007" in table_ids(tables(config.table.uri)[1])
+    assert "doc-0005" in table_ids(tables(config.table.uri)[1])
+    for name in ("vectors", "errors"):
+        assert max(rows_added_per_version(db, name)) <= commit_rows
+
+
+def test_a_rerun_with_nothing_left_to_do_loads_no_model_and_says_so(
+    tmp_path, tiny_model_dir, ray_session, caplog
+):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": f"d{i}", "text": f"text {i}"}) + "\n" for i in range(6)))
+    config = job(model, tmp_path / "db", [SourceConfig(kind="jsonl", path=str(source), id_column="id")])
+    assert run_backfill(config).embedded == 6
+    for path in model.iterdir():  # the weights and the tokenizer: only the vector size is read from now on
+        if path.name != "config.json":
+            path.unlink()
+    with caplog.at_level(logging.INFO, logger="pipelines.backfill"):
+        summary = run_backfill(config)
+    assert (summary.read, summary.already_done, summary.embedded, summary.errored) == (6, 6, 0, 0)
+    assert "nothing left to do: all 6 rows were already in the tables" in caplog.text
+
+
+def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_its_log_files(tmp_path):
+    ray_tmp = f"/tmp/rq{os.getpid()}"  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": ray_tmp, "VLM_EMBED_HOME": str(tmp_path / "home")}
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("vlm-embed")), "backfill", "--uri", str(tmp_path / "db")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert done.stdout.startswith("backfill: read 24 = embedded 24 + skipped 0")
+        ours = re.compile(r"committed \d+ (vectors|error rows) \(\d+ in this run\)$")
+        assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []
+        (logs,) = Path(ray_tmp).glob("ray/session_2*/logs")
+        assert "constructor arguments" in (logs / "vlm-embed-driver.err").read_text()  # Ray's, kept there
+        assert "Started a local Ray instance" not in done.stderr and list(logs.glob("ray-data/*.log"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_column_kept_by_two_sources_must_have_one_type(tmp_path):

@@ -8,6 +8,7 @@ from pipelines.config import EmbedderConfig, TableConfig
 from pipelines.sink import BackfillSink, table_ids
 from pipelines.stages import output_schema
 from pipelines.table import TableConfigMismatch, recorded_embedder_config
+from tests.pipelines.table_versions import rows_added_per_version
 
 DIM = 8
 
@@ -51,14 +52,28 @@ def make_sink(tmp_path, keep=None, **table):
 def test_rows_are_committed_in_bounded_chunks_and_counted(tmp_path):
     sink, already = make_sink(tmp_path, commit_rows=4)
     assert already == set()
-    sink.write(batch(ok("a", "b", "c") + err("x")))
+    sink.write(batch(ok("a", "b") + err("x")))
     assert sink.vectors is None  # 3 buffered rows: nothing committed yet
-    sink.write(batch(ok("d", "e")))
-    assert sink.vectors.count_rows() == 5 and sink.counts.commits == 1
+    sink.write(batch(ok("c", "d", "e")))
+    assert sink.vectors.count_rows() == 4 and sink.counts.commits == 1 and sink.pending_rows == 2
     counts = sink.close()
     assert (counts.read, counts.embedded, counts.errored, counts.skipped) == (6, 5, 1, 0)
     assert table_ids(sink.errors) == {"x"}
     assert recorded_embedder_config(sink.vectors).pooling == "max"
+
+
+def test_no_commit_holds_more_than_commit_rows_and_fewer_than_that_wait_uncommitted(tmp_path):
+    sink, _ = make_sink(tmp_path, commit_rows=4)
+    for start in (0, 30):  # pipeline batches much larger than a commit, vectors and errors mixed
+        rows = [{"id": f"row-{start + i}", "status": "error" if i % 3 == 0 else "ok"} for i in range(30)]
+        sink.write(batch(rows))
+        committed = (sink.vectors.count_rows() if sink.vectors else 0) + sink.errors.count_rows()
+        assert sink.pending_rows < 4 and committed == start + 30 - sink.pending_rows
+    sink.close()
+    for name in ("vectors", "errors"):
+        added = rows_added_per_version(sink.db, name)
+        assert max(added) <= 4, f"{name}: a version added {max(added)} rows"
+    assert table_ids(sink.vectors) | table_ids(sink.errors) == {f"row-{i}" for i in range(60)}
 
 
 def test_a_repeated_id_is_written_once_and_counted_as_skipped(tmp_path):
