@@ -261,7 +261,8 @@ def format_sample(sample: dict[str, Any]) -> str:
 
 
 def summarize(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
-    """Totals, and per process kind the RSS and descriptors of the first sample after the warm-up and the last."""
+    """Totals, and per process kind the RSS and descriptors of the first sample after the warm-up and the last,
+    and their peaks after the warm-up (Serve may briefly run two processes of a kind while starting)."""
     totals = {kind: sum(s[kind] for s in samples) for kind in KINDS}
     after = [s for s in samples if s["t_s"] >= warmup_s] or samples[-1:]
     first, last = after[0], samples[-1]
@@ -273,8 +274,8 @@ def summarize(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
                 "rss_mib": [start["rss_mib"], end["rss_mib"]],
                 "rss_growth_mib": round(end["rss_mib"] - start["rss_mib"], 1),
                 "fds": [start["fds"], end["fds"]],
-                "peak_rss_mib": max(s["processes"][kind]["rss_mib"] for s in samples),
-                "peak_fds": max(s["processes"][kind]["fds"] for s in samples),
+                "peak_rss_mib": max(s["processes"][kind]["rss_mib"] for s in after),
+                "peak_fds": max(s["processes"][kind]["fds"] for s in after),
             }
     return {"totals": totals, "from_t_s": first["t_s"], "to_t_s": last["t_s"], "processes": drift}
 
