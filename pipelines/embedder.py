@@ -21,7 +21,7 @@ from pipelines import pooling
 from pipelines.batching import plan_batches
 from pipelines.config import EmbedderConfig
 from pipelines.forward import collate, hidden_states_at, resolve_layer
-from pipelines.items import ItemError
+from pipelines.items import ForwardError, ItemError
 from pipelines.loading import (
     ModelLoadError,
     base_model_of,
@@ -178,6 +178,41 @@ class Embedder:
             out[indices] = self.finish(self.forward([prepared[i] for i in indices]))
         return out
 
+    def try_embed_prepared(
+        self, prepared: Sequence[PreparedItem], batch_size: int | None = None
+    ) -> BatchResult:
+        """Like `embed_prepared`, but an item the model cannot embed comes back as a `ForwardError` instead of
+        failing the others: a forward pass that raises is split in halves until the failing items are found
+        (the others keep their vectors), and a non-finite vector is an error. The backfill and Serve both
+        embed through this, so one poisoned item costs only its own row or request."""
+        vectors: dict[int, np.ndarray] = {}
+        errors: list[ItemError] = []
+
+        def run(indices: list[int]) -> None:
+            try:
+                out = self.embed_prepared([prepared[i] for i in indices], batch_size)
+            except Exception as exc:  # noqa: BLE001 (any failure of the forward pass, out of memory included)
+                if len(indices) == 1:
+                    errors.append(
+                        ForwardError(f"the forward pass failed: {type(exc).__name__}: {exc}", indices[0])
+                    )
+                    return
+                half = len(indices) // 2
+                run(indices[:half])
+                run(indices[half:])
+                return
+            for i, vector, finite in zip(indices, out, np.isfinite(out).all(axis=1), strict=True):
+                if finite:
+                    vectors[i] = vector
+                else:
+                    errors.append(ForwardError("the model gave a non-finite vector", i))
+
+        if prepared:
+            run(list(range(len(prepared))))
+        indices = sorted(vectors)
+        stacked = np.stack([vectors[i] for i in indices]) if indices else self._empty()
+        return BatchResult(vectors=stacked, indices=indices, errors=sorted(errors, key=lambda e: e.index))
+
     def warm_up(self, image_side: int | None = None) -> float:
         """Run a few representative steps (and compile, with `compile=True`); returns the seconds it took.
 
@@ -195,10 +230,14 @@ class Embedder:
     def embed_batch(
         self, items: Iterable[Any], batch_size: int | None = None, *, query: bool = False
     ) -> np.ndarray:
-        """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises on the first bad item.
-        Documents by default; `query=True` (or `embed_queries`) embeds with the query instruction."""
+        """Vectors `[n, D]` for strings or dicts with `text` and/or `image`; raises an `ItemError` on the first
+        bad item (a `ForwardError` for one the model cannot embed). Documents by default; `query=True` (or
+        `embed_queries`) embeds with the query instruction."""
         prepared = [self.prepare(item, index, query=query) for index, item in enumerate(items)]
-        return self.embed_prepared(prepared, batch_size)
+        result = self.try_embed_prepared(prepared, batch_size)
+        if result.errors:
+            raise result.errors[0]
+        return result.vectors
 
     def embed_queries(self, items: Iterable[Any], batch_size: int | None = None) -> np.ndarray:
         """Vectors for search queries: with the recipe's query instruction (qwen3-vl-embedding: "Retrieve images
@@ -221,8 +260,13 @@ class Embedder:
                 indices.append(index)
             except ItemError as exc:
                 errors.append(exc if exc.index == index else exc.at(index))
-        vectors = self.embed_prepared(prepared, batch_size) if prepared else self._empty()
-        return BatchResult(vectors=vectors, indices=indices, errors=errors)
+        embedded = self.try_embed_prepared(prepared, batch_size)
+        errors += [e.at(indices[e.index]) for e in embedded.errors]
+        return BatchResult(
+            vectors=embedded.vectors,
+            indices=[indices[i] for i in embedded.indices],
+            errors=sorted(errors, key=lambda e: e.index),
+        )
 
     def embed_text(self, text: str) -> np.ndarray:
         return self.embed_batch([text])[0]

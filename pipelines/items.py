@@ -57,6 +57,12 @@ class TooLongError(ItemError):
     kind = "too_long"
 
 
+class ForwardError(ItemError):
+    """The model could not embed a prepared item: its forward pass failed, or gave a non-finite vector."""
+
+    kind = "forward_failed"
+
+
 @dataclass(frozen=True)
 class Item:
     """A checked item; `image` is still undecoded (decoding is part of `prepare`)."""

@@ -279,14 +279,27 @@ class Reranker:
         hidden = self._engine.embed_prepared(pairs)  # the last tokens' states, as vectors (not normalised)
         return self.finish(torch.from_numpy(hidden))
 
+    def try_score_prepared(self, pairs: Sequence[PreparedItem]) -> RerankScores:
+        """Like `score_prepared`, but a pair the model cannot score is a `ForwardError` (the embedder's
+        isolation: a failing forward pass is split until the failing pairs are found)."""
+        import torch
+
+        result = self._engine.try_embed_prepared(pairs)
+        scores = self.finish(torch.from_numpy(result.vectors)) if result.indices else np.empty(0, np.float32)
+        return RerankScores(scores, result.indices, result.errors)
+
     def score(self, query: Any, documents: Sequence[Any], instruction: str | None = None) -> np.ndarray:
-        """The relevance score in [0, 1] of each document to the query; raises on the first bad input."""
+        """The relevance score in [0, 1] of each document to the query; raises an `ItemError` on the first bad
+        input (a `ForwardError` for a pair the model cannot score)."""
         side = self.preparer.side(query, "query")
         pairs = [
             self.preparer.pair(side, self.preparer.side(document, "document", i), instruction, i)
             for i, document in enumerate(documents)
         ]
-        return self.score_prepared(pairs)
+        result = self.try_score_prepared(pairs)
+        if result.errors:
+            raise result.errors[0]
+        return result.scores
 
     def try_score(self, query: Any, documents: Sequence[Any], instruction: str | None = None) -> RerankScores:
         """Like `score`, but a bad document comes back as an error naming it instead of raising (a bad query
@@ -301,7 +314,10 @@ class Reranker:
                 indices.append(i)
             except ItemError as exc:
                 errors.append(exc if exc.index == i else exc.at(i))
-        return RerankScores(self.score_prepared(pairs), indices, errors)
+        scored = self.try_score_prepared(pairs)
+        errors += [e.at(indices[e.index]) for e in scored.errors]
+        kept = [indices[i] for i in scored.indices]
+        return RerankScores(scored.scores, kept, sorted(errors, key=lambda e: e.index))
 
     def rerank(
         self, query: Any, documents: Sequence[Any], top_n: int | None = None, instruction: str | None = None

@@ -25,7 +25,7 @@ from pipelines.metrics import ServeMetrics
 from serve.auth import api_key_from_env
 from serve.autoscaling import POLICY as AUTOSCALING_POLICY
 from serve.coalesce import Coalescer
-from serve.errors import answered_within, item_error
+from serve.errors import answered_within, item_error, raise_forward_errors
 from serve.inputs import InputLimits
 from serve.models import (
     MODEL_DEPLOYMENT,
@@ -104,8 +104,9 @@ class EmbeddingService:
         config = self.serve_config
         async with answered_within(config.request_timeout_s, config.retry_after_s, "embedding"):
             prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields, query)
-            vectors = await self._together.submit(prepared)
-        return vectors, sum(p.num_tokens for p in prepared)
+            rows = await self._together.submit(prepared)
+        raise_forward_errors(rows.errors, fields)
+        return rows.values, sum(p.num_tokens for p in prepared)
 
     def _prepare_all(self, items: list[Any], fields: list[str], query: bool = False) -> list[Any]:
         out = []

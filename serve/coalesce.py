@@ -16,15 +16,39 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-Send = Callable[[list[Any]], Awaitable[np.ndarray]]
+
+@dataclass
+class Rows:
+    """What a downstream call gives back: a row per item (`values`) and, by item position, why an item has
+    no row (`errors`; its row is then filler): one failing item fails only its own request."""
+
+    values: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def split(self, bounds: Sequence[int]) -> list[Rows]:
+        starts = [0, *bounds]
+        parts = np.split(self.values, bounds)
+        return [
+            Rows(part, {i - start: e for i, e in self.errors.items() if start <= i < start + len(part)})
+            for start, part in zip(starts, parts, strict=True)
+        ]
+
+
+Send = Callable[[list[Any]], Awaitable["np.ndarray | Rows"]]
+
+
+def split_rows(result: np.ndarray | Rows, bounds: Sequence[int]) -> list:
+    return result.split(bounds) if isinstance(result, Rows) else np.split(result, bounds)
 
 
 class Coalescer:
-    """`await submit(items)` -> the rows of `send(all items of its group)` that belong to `items`."""
+    """`await submit(items)` -> the rows of `send(all items of its group)` that belong to `items` (an array,
+    or `Rows` with the errors of those items when `send` gives `Rows`)."""
 
     def __init__(self, send: Send, slots: int = 2, max_items: int = 256, group_items: int = 8):
         if min(slots, max_items, group_items) < 1:
@@ -41,7 +65,7 @@ class Coalescer:
         self.calls = 0  # calls made so far (each with one or more submissions)
         self._tasks: set[asyncio.Task] = set()
 
-    async def submit(self, items: Sequence[Any]) -> np.ndarray:
+    async def submit(self, items: Sequence[Any]) -> np.ndarray | Rows:
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((items, future))
         self._waiting_items += len(items)
@@ -89,7 +113,7 @@ class Coalescer:
                     future.set_exception(exc)
         else:
             bounds = np.cumsum([len(items) for items, _ in group])[:-1]
-            for (_, future), rows in zip(group, np.split(vectors, bounds), strict=True):
+            for (_, future), rows in zip(group, split_rows(vectors, bounds), strict=True):
                 if not future.done():
                     future.set_result(rows)
         finally:

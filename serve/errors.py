@@ -98,6 +98,18 @@ def item_error(exc: Any, field: str, item: Any) -> ApiError:
     return ApiError(422, f"{field or key}: {exc.reason}", param=param, code=exc.kind)
 
 
+def raise_forward_errors(errors: dict[int, str], fields: list[str]) -> None:
+    """422 naming the first input the model could not embed (the others of its batch were served)."""
+    if errors:
+        index = min(errors)
+        raise ApiError(
+            422,
+            f"{fields[index]}: the model could not embed it ({errors[index]})",
+            param=fields[index],
+            code="forward_failed",
+        )
+
+
 @contextlib.asynccontextmanager
 async def answered_within(timeout_s: float, retry_after_s: int, what: str = "embedding"):
     """503 with Retry-After when the body does not finish within `timeout_s`, when the model replicas'

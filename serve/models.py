@@ -24,6 +24,7 @@ from ray import serve as ray_serve
 from pipelines.config import Config, EmbedderConfig
 from pipelines.metrics import ServeMetrics
 from serve.autoscaling import PENDING_ITEMS
+from serve.coalesce import Rows
 
 MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 RERANK_DEPLOYMENT = "RerankModel"  # the reranker and its batch queue
@@ -102,9 +103,25 @@ class _BatchingReplica:
         self._run_batch.set_max_batch_size(self._budget)
         self._run_batch.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
 
-    def _forward(self, prepared: list[Any]) -> Any:
-        """One server batch's results, in order (runs on the forward thread)."""
+    def _forward(self, prepared: list[Any]) -> list[Any]:
+        """One server batch's results, in order (runs on the forward thread): a row per item, or for an item
+        the model cannot embed the reason (a str), so that it fails its own request only."""
         raise NotImplementedError
+
+    @staticmethod
+    def _rows(results: list[Any], width: int | None) -> Rows:
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+        filler = np.zeros(width, np.float32) if width else np.float32(0)
+        return Rows(np.stack([filler if i in errors else r for i, r in enumerate(results)]), errors)
+
+    @staticmethod
+    def _per_item(count: int, indices: list[int], rows, errors) -> list[Any]:
+        out: list[Any] = [None] * count
+        for i, row in zip(indices, rows, strict=True):
+            out[i] = row
+        for error in errors:
+            out[error.index] = f"{error.kind}: {error.reason}"
+        return out
 
     async def _gather(self, prepared: list[Any]) -> list[Any]:
         """One call's prepared items join the items of concurrent calls; their results, in order."""
@@ -163,12 +180,13 @@ class EmbeddingModel(_BatchingReplica):
         self._warm_up()
         self.ready = True
 
-    async def embed(self, prepared: list[Any]) -> np.ndarray:
-        """Vectors `[n, D]` for one call's prepared items."""
-        return np.stack(await self._gather(prepared))
+    async def embed(self, prepared: list[Any]) -> Rows:
+        """Vectors `[n, D]` for one call's prepared items, with the errors of those the model cannot embed."""
+        return self._rows(await self._gather(prepared), self.embedder.get_embedding_dimension())
 
-    def _forward(self, prepared: list[Any]) -> np.ndarray:
-        return self.embedder.embed_prepared(prepared)
+    def _forward(self, prepared: list[Any]) -> list[Any]:
+        result = self.embedder.try_embed_prepared(prepared)
+        return self._per_item(len(prepared), result.indices, result.vectors, result.errors)
 
     def _warm_up(self) -> None:
         """The embedder's own warm-up (compiles, with `compile=True`), then one text and, with an image
@@ -203,12 +221,13 @@ class RerankModel(_BatchingReplica):
         self.warm_up_s = self.reranker.warm_up()
         self.ready = True
 
-    async def score(self, prepared: list[Any]) -> np.ndarray:
-        """Scores `[n]` for one call's prepared pairs."""
-        return np.asarray(await self._gather(prepared), np.float32)
+    async def score(self, prepared: list[Any]) -> Rows:
+        """Scores `[n]` for one call's prepared pairs, with the errors of those the model cannot score."""
+        return self._rows(await self._gather(prepared), None)
 
-    def _forward(self, prepared: list[Any]) -> np.ndarray:
-        return self.reranker.score_prepared(prepared)
+    def _forward(self, prepared: list[Any]) -> list[Any]:
+        result = self.reranker.try_score_prepared(prepared)
+        return self._per_item(len(prepared), result.indices, result.scores, result.errors)
 
     def health(self) -> dict[str, Any]:
         return self._health(device=str(self.reranker.device))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.items import ItemError
-from serve.errors import ApiError, answered_within, item_error
+from serve.errors import ApiError, answered_within, item_error, raise_forward_errors
 
 
 class RerankClient:
@@ -42,8 +42,9 @@ class RerankClient:
             pairs = await loop.run_in_executor(
                 self._prepare_pool, self._prepare, query, documents, fields, instruction
             )
-            scores = await self.handle.score.remote(pairs)
-        return np.asarray(scores, np.float32), sum(p.num_tokens for p in pairs)
+            rows = await self.handle.score.remote(pairs)
+        raise_forward_errors(rows.errors, fields)
+        return np.asarray(rows.values, np.float32), sum(p.num_tokens for p in pairs)
 
     async def try_score(
         self, query: Any, documents: list[Any], instruction: str | None
@@ -56,8 +57,13 @@ class RerankClient:
             pairs, indices, errors = await loop.run_in_executor(
                 self._prepare_pool, self._try_prepare, query, documents, instruction
             )
-            scores = await self.handle.score.remote(pairs) if pairs else []
-        scored = {index: float(score) for index, score in zip(indices, scores, strict=True)}
+            rows = await self.handle.score.remote(pairs) if pairs else None
+        scored = {}
+        for position, index in enumerate(indices):
+            if position in rows.errors:
+                errors[index] = rows.errors[position]
+            else:
+                scored[index] = float(rows.values[position])
         return scored, errors, sum(p.num_tokens for p in pairs)
 
     def _prepare(self, query, documents, fields, instruction) -> list[Any]:

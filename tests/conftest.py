@@ -45,6 +45,31 @@ def tiny_reranker_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-reranker", seed=7, flavour="reranker")
 
 
+POISON = "a text with the poisoned character \u00a4 in it"
+
+
+@pytest.fixture(scope="session")
+def poisoned_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny checkpoint with NaN token embeddings for the byte-level token of 0xA4 ('\u00a4' in UTF-8 ends
+    in it): a real model whose forward pass gives a non-finite vector for `POISON` and the exact tiny vectors
+    for every other text (its other weights are untouched)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    poisoned = tokenizer.convert_tokens_to_ids("\u00a4")
+    assert poisoned in tokenizer(POISON, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[poisoned] = float("nan")
+    directory = tmp_path_factory.mktemp("models") / "tiny-poisoned"
+    model.save_pretrained(directory)
+    for path in tiny_model_dir.iterdir():  # the tokenizer and processor files as they are
+        if not (directory / path.name).exists():
+            (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
 @pytest.fixture(scope="session")
 def embedder(tiny_model_dir):
     from pipelines.embedder import Embedder
