@@ -63,6 +63,10 @@ def search(
     if text is None and image is None:
         raise ValueError("nothing to search for: give a text and/or an image")
     table = open_vectors_table(table_config)
+    if where:  # a bad filter is refused before a model is loaded or a query embedded
+        from pipelines.filters import check_filter
+
+        check_filter(where, table.schema.names)
     if embedder is None:
         embedder = Embedder.from_config(recorded_embedder_config(table, device=device, dtype=dtype))
     check_matches(table, embedder.config, embedder.get_embedding_dimension())

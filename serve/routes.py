@@ -119,6 +119,7 @@ def build_api(service) -> FastAPI:
         item = parse_item(query, service.limits, "")
         candidates = rerank_candidates(req) if req.rerank else req.top_k
         plan = await asyncio.to_thread(service.search_table.plan)
+        service.search_table.check_filter(plan, req.filter)
         vectors, tokens = await service.embed([item], [""], query=True)
         vector = truncate(vectors, plan.dimension, service.normalize)[0]
         rows = await asyncio.to_thread(service.search_table.search, plan, vector, candidates, req.filter)

@@ -66,6 +66,18 @@ class SearchTable:
         return QueryPlan(table=table, dimension=dimension)
 
     @staticmethod
+    def check_filter(plan: QueryPlan, where: str | None) -> None:
+        """422 for a filter that is not one condition on the table's columns, before the query is embedded."""
+        from pipelines.filters import FilterError, check_filter
+
+        if not where:
+            return
+        try:
+            check_filter(where, plan.table.schema.names)
+        except FilterError as exc:
+            raise ApiError(422, str(exc), param="filter", code="invalid_filter") from exc
+
+    @staticmethod
     def search(plan: QueryPlan, vector, top_k: int, where: str | None) -> list[dict[str, Any]]:
         """The `top_k` nearest rows (id, score, text, modality, image_uri); a bad filter is a 422: one that is
         not exactly one condition on the table's columns (`pipelines.filters`), or one LanceDB refuses."""

@@ -179,3 +179,14 @@ def test_the_command_reranks_with_rerank_and_prints_both_scores(table, tiny_rera
     assert len(lines) == 2 and all(len(line) == 5 for line in lines)
     assert float(lines[0][1]) >= float(lines[1][1])  # rank, rerank score, cosine, id, text
     assert main([*argv, "--rerank", str(tiny_reranker_dir), "--rerank-candidates", "0"]) == 2
+
+
+def test_a_bad_filter_is_refused_before_any_model_is_loaded(tmp_path):
+    from pipelines.filters import FilterError
+    from pipelines.table import connect, vectors_schema
+
+    config = TableConfig(uri=str(tmp_path / "db"))
+    recorded = EmbedderConfig(model=str(tmp_path / "no-such-model"))  # loading it would fail
+    connect(config).create_table(config.name, schema=vectors_schema(recorded, 4))
+    with pytest.raises(FilterError, match="more than one SQL statement"):
+        search(config, "anything", where="modality = 'image'; DROP TABLE vectors")
