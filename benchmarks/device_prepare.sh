@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On this machine, before the device runs: fetch what the GPU machine lacks (ignored by git, carried with the calls).
-#   bash benchmarks/device_prepare.sh          -> .whl/bench: transformers 5.24 + pydantic + orjson, about 17 MB
+#   bash benchmarks/device_prepare.sh          -> .whl/bench: transformers 5.24 + pydantic + orjson + simplejpeg +
+#                                                 sqlglot, about 22 MB
 #   bash benchmarks/device_prepare.sh --ray    -> also .devwheels/q1 and q2: Ray 2.60 (data, serve) and LanceDB 0.40,
 #                                                 installed here for cp312, trimmed and xz-compressed (~95 MB in two
 #                                                 parts; about 4 minutes on 2 cores), and py-spy in q2
@@ -21,7 +22,7 @@ rm -rf .whl/bench && mkdir -p .whl/bench
 # shellcheck disable=SC2086
 python3 -m pip download -q --no-deps $target -d .whl/bench transformers==5.24.0 pydantic==2.14.4 \
   pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 "regex>=2025.10.22" \
-  "orjson>=3.10"
+  "orjson>=3.10" "simplejpeg>=1.8,<2" "sqlglot>=30,<31"  # JPEG truncation checks, search filters
 ls -la .whl/bench
 if [ "${1:-}" = --ray ]; then
   work=$(mktemp -d)
