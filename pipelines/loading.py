@@ -45,6 +45,21 @@ def resolve_model_source(model: str) -> str:
     return str(path)
 
 
+def embedding_dimension(config) -> int:
+    """The vector size of an `EmbedderConfig`, from the checkpoint's config alone (no weights), checked against
+    `dimensions`: what the backfill's driver and Serve's ingress need without loading the model."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(config.model)
+    try:
+        hidden = AutoConfig.from_pretrained(source).text_config.hidden_size
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read the model config of {config.model!r}: {exc}") from exc
+    if config.dimensions is not None and config.dimensions > hidden:
+        raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
+    return config.dimensions or hidden
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -2,11 +2,16 @@
 
 They know nothing about the backbone. `hidden` is `[batch, seq, dim]`, `mask` is `[batch, seq]` with 1 for real
 tokens and 0 for padding, on either side. Padding positions may hold anything (even NaN): they are never read.
+`matryoshka` (truncate, then re-normalise) takes torch tensors and numpy arrays alike, so the embedder's
+`finish` and Serve's per-request `dimensions` are the same code; torch is imported only where it is needed.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 POOLING_MODES = ("mean", "cls", "max", "last")
 
@@ -23,6 +28,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
@@ -48,15 +55,29 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
 
 
-def normalize(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """L2-normalise each row."""
+def normalize(vectors: Any, eps: float = 1e-12) -> Any:
+    """L2-normalise each row (a torch tensor or a numpy array)."""
+    import numpy as np
+
+    if isinstance(vectors, np.ndarray):
+        norms = np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), eps)
+        return (vectors / norms).astype(vectors.dtype, copy=False)
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def truncate(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+def truncate(vectors: Any, dimensions: int | None) -> Any:
     """Keep the first `dimensions` components (Matryoshka); the caller re-normalises."""
     if dimensions is None:
         return vectors
     if dimensions > vectors.shape[-1]:
         raise ValueError(f"dimensions={dimensions} is larger than the model's {vectors.shape[-1]}")
     return vectors[..., :dimensions]
+
+
+def matryoshka(vectors: Any, dimensions: int | None, normalize_rows: bool) -> Any:
+    """The first `dimensions` components, re-normalised when the vectors are: what `EmbedderConfig(dimensions=D)`
+    computes, and what a shorter dimension of an already normalised vector must be cut to."""
+    if dimensions is None or dimensions == vectors.shape[-1]:
+        return vectors
+    out = truncate(vectors, dimensions)
+    return normalize(out) if normalize_rows else out

@@ -176,6 +176,15 @@ class Preparer:
             max_length=config.max_length,
         )
 
+    @classmethod
+    def load(cls, config) -> Preparer:
+        """The same preparer an `Embedder` of `config` builds, from the checkpoint's tokenizer and image
+        processor only (no weights): what CPU stages and Serve's ingress use."""
+        from pipelines.loading import load_processor_parts, resolve_model_source
+
+        tokenizer, image_processor = load_processor_parts(resolve_model_source(config.model))
+        return cls.for_config(config, tokenizer, image_processor)
+
     def prepare(self, item: Any, index: int | None = None, *, query: bool = False) -> PreparedItem:
         """Check, decode and tokenize one item; `query`: with the query instruction instead of the document
         one (an item's own instruction wins over both). Raises an `ItemError` naming the item if it is bad."""

@@ -57,14 +57,14 @@ class EmbeddingService:
     scores from the `RerankModel` deployment through `reranker` (None: no reranker configured)."""
 
     def __init__(self, config: dict[str, Any], model, reranker=None):
-        from pipelines.backfill import embedding_dimension
-        from pipelines.stages import build_preparer
+        from pipelines.loading import embedding_dimension
+        from pipelines.prepare import Preparer
 
         self.config = Config.model_validate(config)
         serve_config = self.config.serve
         embedder_config = serving_embedder_config(self.config)
         self.model = model
-        self.preparer = build_preparer(embedder_config)
+        self.preparer = Preparer.load(embedder_config)
         self.dimension = embedding_dimension(embedder_config)
         self.normalize = embedder_config.normalize
         self.model_name = serve_config.served_model_name or self.config.embedder.model
@@ -138,16 +138,6 @@ async def _health_of(handle) -> dict[str, Any]:
             return await handle.health.remote()
     except Exception as exc:  # noqa: BLE001 (no replica yet, one dying: all mean "not ready")
         return {"status": "loading", "reason": f"{type(exc).__name__}: {exc}"}
-
-
-def truncate(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
-    """Keep the first `dimensions` components and re-normalise: what `EmbedderConfig(dimensions=...)` gives."""
-    if dimensions is None or dimensions == vectors.shape[1]:
-        return vectors
-    out = vectors[:, :dimensions]
-    if normalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out.astype(np.float32, copy=False)
 
 
 # -- building the app ----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class FastJSONResponse(JSONResponse):
 
 def build_api(service) -> FastAPI:
     """A FastAPI app whose routes call `service` (an `EmbeddingService` replica)."""
-    from serve.app import truncate
+    from pipelines.pooling import matryoshka
 
     api = FastAPI(title="vlm-embed", version=__version__, description="Qwen3-VL embeddings and search.")
     api.add_middleware(RequestMetrics, metrics=service.metrics)
@@ -94,7 +94,7 @@ def build_api(service) -> FastAPI:
             )
         items = parse_inputs(req.input, service.limits)
         vectors, tokens = await service.embed(items, input_fields(req.input), query=req.input_type == "query")
-        vectors = truncate(vectors, req.dimensions, service.normalize)
+        vectors = matryoshka(vectors, req.dimensions, service.normalize)
         return FastJSONResponse(embedding_response(vectors, req.encoding_format, service.model_name, tokens))
 
     @api.post("/search")
@@ -121,7 +121,7 @@ def build_api(service) -> FastAPI:
         plan = await asyncio.to_thread(service.search_table.plan)
         service.search_table.check_filter(plan, req.filter)
         vectors, tokens = await service.embed([item], [""], query=True)
-        vector = truncate(vectors, plan.dimension, service.normalize)[0]
+        vector = matryoshka(vectors, plan.dimension, service.normalize)[0]
         rows = await asyncio.to_thread(service.search_table.search, plan, vector, candidates, req.filter)
         if req.rerank:
             rows, rerank_tokens = await rerank_rows(item, rows, req)

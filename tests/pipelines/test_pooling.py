@@ -46,3 +46,17 @@ def test_normalize_gives_unit_rows_and_truncate_keeps_a_prefix():
     assert torch.equal(truncate(vectors, 2), torch.tensor([[3.0, 4.0]]))
     with pytest.raises(ValueError, match="larger than"):
         truncate(vectors, 4)
+
+
+def test_matryoshka_cuts_and_renormalises_numpy_and_torch_alike():
+    import numpy as np
+
+    from pipelines.pooling import matryoshka
+
+    rows = np.array([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]], np.float32)
+    cut = matryoshka(rows, 2, True)
+    np.testing.assert_allclose(cut, [[0.6, 0.8], [0.0, 1.0]], atol=1e-6)
+    assert cut.dtype == np.float32
+    np.testing.assert_allclose(matryoshka(torch.from_numpy(rows), 2, True).numpy(), cut, atol=1e-6)
+    np.testing.assert_allclose(matryoshka(rows, 2, False), rows[:, :2])
+    assert matryoshka(rows, None, True) is rows and matryoshka(rows, 3, True) is rows
