@@ -47,17 +47,32 @@ def resolve_model_source(model: str) -> str:
 
 def embedding_dimension(config) -> int:
     """The vector size of an `EmbedderConfig`, from the checkpoint's config alone (no weights), checked against
-    `dimensions`: what the backfill's driver and Serve's ingress need without loading the model."""
-    from transformers import AutoConfig
-
+    `dimensions`: what the backfill's driver and Serve's ingress need without loading the model. A local
+    checkpoint's `config.json` is read as JSON where it names the size (importing transformers costs a driver
+    seconds, as it imports torch); anything else goes through transformers' AutoConfig."""
     source = resolve_model_source(config.model)
-    try:
-        hidden = AutoConfig.from_pretrained(source).text_config.hidden_size
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read the model config of {config.model!r}: {exc}") from exc
+    hidden = _hidden_size_from_json(Path(source) / "config.json")
+    if hidden is None:
+        from transformers import AutoConfig
+
+        try:
+            hidden = AutoConfig.from_pretrained(source).text_config.hidden_size
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot read the model config of {config.model!r}: {exc}") from exc
     if config.dimensions is not None and config.dimensions > hidden:
         raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
     return config.dimensions or hidden
+
+
+def _hidden_size_from_json(path: Path) -> int | None:
+    """`text_config.hidden_size` of a Qwen3-VL `config.json`, or None where the file does not say it plainly."""
+    import json
+
+    try:
+        size = json.loads(path.read_text())["text_config"]["hidden_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def resolve_device(device: str) -> str:

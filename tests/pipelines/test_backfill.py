@@ -247,6 +247,15 @@ def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_i
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_the_driver_reads_the_vector_size_without_importing_torch(tiny_model_dir, embedder):
+    code = (
+        "import sys; from pipelines.config import EmbedderConfig; from pipelines.loading import embedding_dimension; "
+        f"print(embedding_dimension(EmbedderConfig(model={str(tiny_model_dir)!r})), 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [str(embedder.get_embedding_dimension()), "False"], done.stderr
+
+
 def test_a_column_kept_by_two_sources_must_have_one_type(tmp_path):
     sources = [
         SourceConfig(kind="jsonl", path="a.jsonl", keep_columns=["year"], keep_types={"year": "int64"}),
