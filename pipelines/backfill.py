@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.config_flags import add_config_flags
+from pipelines.loading import embedding_dimension
 from pipelines.readers import is_uri
 
 log = logging.getLogger(__name__)
@@ -118,22 +119,6 @@ def resolve_num_gpus(resources: ResourcesConfig) -> float:
     if resources.num_gpus_per_actor is not None:
         return resources.num_gpus_per_actor
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
-def embedding_dimension(config: EmbedderConfig) -> int:
-    """The vector size, from the checkpoint's config alone (no weights), checked against `dimensions`."""
-    from transformers import AutoConfig
-
-    from pipelines.loading import ModelLoadError, resolve_model_source
-
-    source = resolve_model_source(config.model)
-    try:
-        hidden = AutoConfig.from_pretrained(source).text_config.hidden_size
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read the model config of {config.model!r}: {exc}") from exc
-    if config.dimensions is not None and config.dimensions > hidden:
-        raise ValueError(f"dimensions={config.dimensions} is larger than the model's hidden size {hidden}")
-    return config.dimensions or hidden
 
 
 # -- the job -------------------------------------------------------------------------------------------------

@@ -97,11 +97,9 @@ def mark_done(batch, done: np.ndarray):
 
 def build_preparer(config: EmbedderConfig):
     """The same `Preparer` an `Embedder` builds, from the tokenizer and image processor only (no weights)."""
-    from pipelines.loading import load_processor_parts, resolve_model_source
     from pipelines.prepare import Preparer
 
-    tokenizer, image_processor = load_processor_parts(resolve_model_source(config.model))
-    return Preparer.for_config(config, tokenizer, image_processor)
+    return Preparer.load(config)
 
 
 @functools.lru_cache(maxsize=4)
@@ -295,21 +293,17 @@ class EmbedActor:
         self.metrics.errors("embed", errors)
 
     def _embed(self, items: list) -> list[np.ndarray | str]:
-        """Vectors for the items, or for each failing item the reason; a failing batch is split in halves."""
+        """Vectors for the items, or for each the model cannot embed the reason (`Embedder.try_embed_prepared`:
+        a failing forward pass is split until the failing items are found, a non-finite vector is an error)."""
         start = time.perf_counter()
-        try:
-            vectors = self.embedder.embed_prepared(items)
-        except Exception as exc:
-            if len(items) == 1:
-                return [f"forward_failed: {type(exc).__name__}: {exc}"]
-            half = len(items) // 2
-            return self._embed(items[:half]) + self._embed(items[half:])
+        result = self.embedder.try_embed_prepared(items)
         self.metrics.batch(time.perf_counter() - start, len(items))
-        finite = np.isfinite(vectors).all(axis=1)
-        return [
-            v if ok else "forward_failed: the vector is not finite"
-            for v, ok in zip(vectors, finite, strict=True)
-        ]
+        out: list[np.ndarray | str] = [""] * len(items)
+        for i, vector in zip(result.indices, result.vectors, strict=True):
+            out[i] = vector
+        for error in result.errors:
+            out[error.index] = f"{error.kind}: {error.reason}"
+        return out
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------
