@@ -28,3 +28,22 @@ def test_the_tokens_a_tokenizer_adds_are_read_off_its_output(embedder, tiny_embe
     assert special_tokens_added(embedder.tokenizer) == ([], [])
     tokenizer = AutoTokenizer.from_pretrained(tiny_embedding_dir)
     assert special_tokens_added(tokenizer) == ([], [tokenizer.convert_tokens_to_ids("<|endoftext|>")])
+
+
+def test_a_text_past_the_tokenizers_own_limit_is_truncated_without_its_warning(embedder):
+    """transformers warns that a sequence over model_max_length "will result in indexing errors"; we truncate
+    such texts correctly, so the warning would only mislead (issue 18, item 6)."""
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    library = logging.getLogger("transformers")  # its modules' loggers hand their records up to it
+    library.addHandler(handler)
+    try:
+        text = "the cat sees a bright picture " * (embedder.tokenizer.model_max_length // 4)
+        prepared = embedder.prepare(text)
+    finally:
+        library.removeHandler(handler)
+    assert prepared.truncated and prepared.num_tokens == embedder.config.max_length
+    assert not [m for m in messages if "indexing errors" in m]
