@@ -43,6 +43,22 @@ class ServeHttp:
         wait_healthy(url)
         return url
 
+    def deployed(self, name: str, config: Config, route_prefix: str, **options):
+        """`deploy` as a context manager: the app is deleted when the block ends, so that its replicas'
+        CPUs go back to the test cluster (4 CPUs: later tests' replicas need them)."""
+        import contextlib
+
+        from ray import serve
+
+        @contextlib.contextmanager
+        def running():
+            try:
+                yield self.deploy(name, config, route_prefix, **options)
+            finally:
+                serve.delete(name)
+
+        return running()
+
 
 def wait_healthy(url: str, timeout_s: float = 120) -> None:
     import httpx

@@ -32,8 +32,10 @@ def embedding_app(serve_http, tiny_embedding_dir, tmp_path_factory):
     embedder = Embedder.from_config(config.embedder)
     rows = [(f"t-{i}", "text", text, None, "en") for i, text in enumerate(TEXTS)]
     write_table(uri, embedder, rows)
-    url = serve_http.deploy("embedding", config, "/embedding", **with_api_key())
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+    with (
+        serve_http.deployed("embedding", config, "/embedding", **with_api_key()) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client,
+    ):
         yield client, uri, embedder
 
 

@@ -16,11 +16,12 @@ GOOD = ["a red circle", "a blue square on white", "the sky at night"]
 
 
 @pytest.fixture(scope="module")
-def poisoned_app(serve_http, poisoned_model_dir, table_uri) -> str:
+def poisoned_app(serve_http, poisoned_model_dir, table_uri):
     """The poisoned tiny model (NaN vectors for POISON), with a long batch wait so that requests sent together
     share a server batch."""
     config = app_config(poisoned_model_dir, table_uri, batch_wait_timeout_s=0.5)
-    return serve_http.deploy("poisoned", config, "/poisoned", **with_api_key())
+    with serve_http.deployed("poisoned", config, "/poisoned", **with_api_key()) as url:
+        yield url
 
 
 async def _post_together(url: str, inputs: list[str]) -> list[httpx.Response]:

@@ -34,8 +34,10 @@ def rerank_app(serve_http, tiny_model_dir, tiny_reranker_dir, embedder, tmp_path
         update={"reranker": RerankerConfig(model=str(tiny_reranker_dir), device="cpu", dtype="float32")}
     )
     write_table(uri, embedder)
-    url = serve_http.deploy("rerank", config, "/rerank-app", **with_api_key())
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+    with (
+        serve_http.deployed("rerank", config, "/rerank-app", **with_api_key()) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client,
+    ):
         yield client
 
 
