@@ -11,7 +11,6 @@ place each part where it belongs:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from pipelines import pooling
 from pipelines.batching import plan_batches
 from pipelines.config import EmbedderConfig
 from pipelines.forward import collate, hidden_states_at, resolve_layer
-from pipelines.items import ForwardError, ItemError
+from pipelines.items import BatchResult, ForwardError, ItemError
 from pipelines.loading import (
     ModelLoadError,
     base_model_of,
@@ -34,15 +33,6 @@ from pipelines.loading import (
     split_processor,
 )
 from pipelines.prepare import PreparedItem, Preparer
-
-
-@dataclass
-class BatchResult:
-    """Vectors for the items that worked (`indices` says which) and an error for each item that did not."""
-
-    vectors: np.ndarray
-    indices: list[int]
-    errors: list[ItemError] = field(default_factory=list)
 
 
 class Embedder:

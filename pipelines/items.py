@@ -7,9 +7,12 @@ An item is a string (a text), or a dict with `text` and/or `image` (and, for rec
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ITEM_KEYS = frozenset({"text", "image", "instruction"})
 
@@ -61,6 +64,25 @@ class ForwardError(ItemError):
     """The model could not embed a prepared item: its forward pass failed, or gave a non-finite vector."""
 
     kind = "forward_failed"
+
+
+@dataclass
+class BatchResult:
+    """Vectors for the items that worked (`indices` says which) and an error for each item that did not
+    (what `Embedder.try_embed_batch` and `try_embed_prepared` give back)."""
+
+    vectors: np.ndarray
+    indices: list[int]
+    errors: list[ItemError] = field(default_factory=list)
+
+    def per_item(self, count: int) -> list[Any]:
+        """A row per item in input order: its row of `vectors`, or `"kind: reason"` for one that has none."""
+        out: list[Any] = [None] * count
+        for i, row in zip(self.indices, self.vectors, strict=True):
+            out[i] = row
+        for error in self.errors:
+            out[error.index] = f"{error.kind}: {error.reason}"
+        return out
 
 
 @dataclass(frozen=True)

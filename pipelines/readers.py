@@ -56,6 +56,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def read_image_uri(uri: str) -> bytes:
+    """Image bytes from an object-store URI (local paths are read by `load_image` itself); an
+    `ImageNotFoundError` naming the URI when it cannot be read."""
+    from pyarrow import fs
+
+    from pipelines.items import ImageNotFoundError
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(path) as handle:
+            return handle.readall()
+    except (OSError, ValueError) as exc:
+        raise ImageNotFoundError(f"cannot read image {uri}: {exc}") from exc
+
+
 # -- one row -----------------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import EmbedderConfig, RerankerConfig
-from pipelines.items import InvalidItemError, Item, ItemError, TooLongError, parse_item
+from pipelines.items import BatchResult, InvalidItemError, Item, ItemError, TooLongError, parse_item
 from pipelines.prepare import (
     PreparedItem,
     expand_image_tokens,
@@ -114,6 +114,21 @@ class RerankPreparer:
             self.side(query, "query"), self.side(document, "document", index), instruction, index
         )
 
+    def pairs(
+        self, query: Any, documents: Sequence[Any], instruction: str | None = None
+    ) -> tuple[list[PreparedItem], list[int], list[ItemError]]:
+        """(the pairs of the documents that can be prepared, their indices, an error for each other); the
+        query is decoded once, and a bad query raises (no document can be paired with it)."""
+        side = self.side(query, "query")
+        pairs, indices, errors = [], [], []
+        for i, document in enumerate(documents):
+            try:
+                pairs.append(self.pair(side, self.side(document, "document", i), instruction, i))
+                indices.append(i)
+            except ItemError as exc:
+                errors.append(exc if exc.index == i else exc.at(i))
+        return pairs, indices, errors
+
     def pair(self, query: _Side, document: _Side, instruction: str | None, index: int | None) -> PreparedItem:
         instruction = instruction if instruction and instruction.strip() else self.config.resolved_instruction
         prompt = pair_prompt(instruction, query.item, document.item)
@@ -161,12 +176,13 @@ class RerankResult:
 
 
 @dataclass
-class RerankScores:
-    """Scores for the documents that worked (`indices` says which) and an error for each that did not."""
+class RerankScores(BatchResult):
+    """Scores for the documents that worked (`indices` says which) and an error for each that did not: an
+    embedder's `BatchResult` whose rows are scores."""
 
-    scores: np.ndarray
-    indices: list[int]
-    errors: list[ItemError]
+    @property
+    def scores(self) -> np.ndarray:
+        return self.vectors
 
 
 class Reranker:
@@ -291,12 +307,7 @@ class Reranker:
     def score(self, query: Any, documents: Sequence[Any], instruction: str | None = None) -> np.ndarray:
         """The relevance score in [0, 1] of each document to the query; raises an `ItemError` on the first bad
         input (a `ForwardError` for a pair the model cannot score)."""
-        side = self.preparer.side(query, "query")
-        pairs = [
-            self.preparer.pair(side, self.preparer.side(document, "document", i), instruction, i)
-            for i, document in enumerate(documents)
-        ]
-        result = self.try_score_prepared(pairs)
+        result = self.try_score(query, documents, instruction)
         if result.errors:
             raise result.errors[0]
         return result.scores
@@ -304,16 +315,7 @@ class Reranker:
     def try_score(self, query: Any, documents: Sequence[Any], instruction: str | None = None) -> RerankScores:
         """Like `score`, but a bad document comes back as an error naming it instead of raising (a bad query
         still raises: no document can be scored without it)."""
-        side = self.preparer.side(query, "query")
-        pairs, indices, errors = [], [], []
-        for i, document in enumerate(documents):
-            try:
-                pairs.append(
-                    self.preparer.pair(side, self.preparer.side(document, "document", i), instruction, i)
-                )
-                indices.append(i)
-            except ItemError as exc:
-                errors.append(exc if exc.index == i else exc.at(i))
+        pairs, indices, errors = self.preparer.pairs(query, documents, instruction)
         scored = self.try_score_prepared(pairs)
         errors += [e.at(indices[e.index]) for e in scored.errors]
         kept = [indices[i] for i in scored.indices]

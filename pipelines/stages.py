@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.config import Config, EmbedderConfig
 from pipelines.metrics import PipelineMetrics
-from pipelines.readers import is_uri
+from pipelines.readers import is_uri, read_image_uri
 
 PASS_COLUMNS = ("id", "source", "text", "image_uri", "kept", "status", "stage", "reason")
 ARRAY_COLUMNS = {
@@ -107,20 +107,6 @@ def _cached_preparer(config_json: str):
     return build_preparer(EmbedderConfig.model_validate_json(config_json))
 
 
-def _read_uri(uri: str) -> bytes:
-    """Image bytes from an object-store URI (local paths are read by `load_image` itself)."""
-    from pyarrow import fs
-
-    from pipelines.items import ImageNotFoundError
-
-    try:
-        filesystem, path = fs.FileSystem.from_uri(uri)
-        with filesystem.open_input_stream(path) as handle:
-            return handle.readall()
-    except (OSError, ValueError) as exc:
-        raise ImageNotFoundError(f"cannot read image {uri}: {exc}") from exc
-
-
 def _item(row: dict[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {}
     if row["text"] is not None:
@@ -129,7 +115,7 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
         item["image"] = row["image_bytes"]
     elif row["image_uri"] is not None:
         uri = row["image_uri"]
-        item["image"] = _read_uri(uri) if is_uri(uri) else uri
+        item["image"] = read_image_uri(uri) if is_uri(uri) else uri
     return item
 
 
@@ -298,12 +284,7 @@ class EmbedActor:
         start = time.perf_counter()
         result = self.embedder.try_embed_prepared(items)
         self.metrics.batch(time.perf_counter() - start, len(items))
-        out: list[np.ndarray | str] = [""] * len(items)
-        for i, vector in zip(result.indices, result.vectors, strict=True):
-            out[i] = vector
-        for error in result.errors:
-            out[error.index] = f"{error.kind}: {error.reason}"
-        return out
+        return result.per_item(len(items))
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------

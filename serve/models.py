@@ -114,15 +114,6 @@ class _BatchingReplica:
         filler = np.zeros(width, np.float32) if width else np.float32(0)
         return Rows(np.stack([filler if i in errors else r for i, r in enumerate(results)]), errors)
 
-    @staticmethod
-    def _per_item(count: int, indices: list[int], rows, errors) -> list[Any]:
-        out: list[Any] = [None] * count
-        for i, row in zip(indices, rows, strict=True):
-            out[i] = row
-        for error in errors:
-            out[error.index] = f"{error.kind}: {error.reason}"
-        return out
-
     async def _gather(self, prepared: list[Any]) -> list[Any]:
         """One call's prepared items join the items of concurrent calls; their results, in order."""
         self.stats.calls += 1
@@ -185,8 +176,7 @@ class EmbeddingModel(_BatchingReplica):
         return self._rows(await self._gather(prepared), self.embedder.get_embedding_dimension())
 
     def _forward(self, prepared: list[Any]) -> list[Any]:
-        result = self.embedder.try_embed_prepared(prepared)
-        return self._per_item(len(prepared), result.indices, result.vectors, result.errors)
+        return self.embedder.try_embed_prepared(prepared).per_item(len(prepared))
 
     def _warm_up(self) -> None:
         """The embedder's own warm-up (compiles, with `compile=True`), then one text and, with an image
@@ -226,8 +216,7 @@ class RerankModel(_BatchingReplica):
         return self._rows(await self._gather(prepared), None)
 
     def _forward(self, prepared: list[Any]) -> list[Any]:
-        result = self.reranker.try_score_prepared(prepared)
-        return self._per_item(len(prepared), result.indices, result.scores, result.errors)
+        return self.reranker.try_score_prepared(prepared).per_item(len(prepared))
 
     def health(self) -> dict[str, Any]:
         return self._health(device=str(self.reranker.device))

@@ -67,34 +67,20 @@ class RerankClient:
         return scored, errors, sum(p.num_tokens for p in pairs)
 
     def _prepare(self, query, documents, fields, instruction) -> list[Any]:
-        side = self._query_side(query)
-        pairs = []
-        for index, (document, field) in enumerate(zip(documents, fields, strict=True)):
-            try:
-                pairs.append(
-                    self.preparer.pair(side, self.preparer.side(document, "document"), instruction, index)
-                )
-            except ItemError as exc:
-                raise item_error(exc, field, document) from exc
+        pairs, _, errors = self._pairs(query, documents, instruction)
+        if errors:
+            first = errors[0]
+            raise item_error(first, fields[first.index], documents[first.index])
         return pairs
 
     def _try_prepare(self, query, documents, instruction):
-        side = self._query_side(query)
-        pairs, indices, errors = [], [], {}
-        for index, document in enumerate(documents):
-            try:
-                pairs.append(
-                    self.preparer.pair(side, self.preparer.side(document, "document"), instruction, index)
-                )
-                indices.append(index)
-            except ItemError as exc:
-                errors[index] = f"{exc.kind}: {exc.reason}"
-        return pairs, indices, errors
+        pairs, indices, errors = self._pairs(query, documents, instruction)
+        return pairs, indices, {e.index: f"{e.kind}: {e.reason}" for e in errors}
 
-    def _query_side(self, query):
+    def _pairs(self, query, documents, instruction):
         try:
-            return self.preparer.side(query, "query")
-        except ItemError as exc:
+            return self.preparer.pairs(query, documents, instruction)
+        except ItemError as exc:  # the query itself
             raise item_error(exc, "query", query) from exc
 
 

@@ -150,17 +150,14 @@ def build_api(service) -> FastAPI:
         return min(limit, max(req.top_k, req.rerank_candidates or config.rerank_candidates))
 
     async def rerank_rows(query: Any, rows: list[dict[str, Any]], req: SearchRequest):
-        from pipelines.rerank_search import apply_scores, documents_of
+        from pipelines.rerank_search import Candidates
 
-        documents, errors = await asyncio.to_thread(documents_of, rows)
-        present = sorted(documents)
+        candidates = await asyncio.to_thread(Candidates.of, rows)
         query = {key: value for key, value in query.items() if key != "instruction"}
         scores, failed, tokens = await service.reranker.try_score(
-            query, [documents[i] for i in present], req.rerank_instruction
+            query, candidates.documents, req.rerank_instruction
         )
-        errors.update({present[i]: reason for i, reason in failed.items()})
-        scored = {present[i]: score for i, score in scores.items()}
-        return apply_scores(rows, scored, errors, req.top_k), tokens
+        return candidates.ranked(scores, failed, req.top_k), tokens
 
     @api.post("/rerank")
     async def rerank(request: Request) -> JSONResponse:
