@@ -154,13 +154,13 @@ def _collect_items(args) -> Iterator[Any]:
 
 
 def _run_embed(args) -> int:
-    from pipelines.embedder import Embedder
+    from pipelines.backends import load_embedder
 
     if args.input is None and not args.texts and not args.image:
         raise CliError("nothing to embed: give TEXTs, --image FILEs or --input ITEMS.JSONL")
     if args.chunk_size < 1:
         raise CliError("--chunk-size must be at least 1")
-    embedder = Embedder.from_config(config_from_flags(args, EmbedderConfig))
+    embedder = load_embedder(config_from_flags(args, EmbedderConfig))
     failures = 0
     for start, chunk in _chunks(_collect_items(args), args.chunk_size):
         good = [(offset, item) for offset, item in enumerate(chunk) if not isinstance(item, BadLine)]
@@ -212,11 +212,11 @@ def _add_demo(commands) -> None:
 def _run_demo(args) -> int:
     import numpy as np
 
-    from pipelines.embedder import Embedder
+    from pipelines.backends import load_embedder
     from pipelines.sample import sample_items
 
     config = config_from_flags(args, EmbedderConfig)
-    embedder = Embedder.from_config(config)
+    embedder = load_embedder(config)
     labels, items = zip(*sample_items(), strict=True)
     vectors = embedder.embed_batch(list(items))
     print(f"{embedder}")

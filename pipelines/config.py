@@ -30,6 +30,7 @@ Quantization = Literal["none", "4bit", "8bit", "fp8"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AttentionLayout = Literal["padded", "packed"]
 VarlenAttention = Literal["auto", "flash", "flex", "sdpa"]
+Backend = Literal["transformers", "sentence-transformers", "stand-in"]
 
 TINY_MODEL = "tiny"
 # The built-in offline checkpoints (`pipelines.tiny_model`), by name: `tiny` stands for an Instruct checkpoint,
@@ -134,6 +135,12 @@ class ModelOptions(StrictModel):
 class EmbedderConfig(ModelOptions):
     """How to load the model and how an item becomes a vector."""
 
+    backend: Backend = Field(
+        default="transformers",
+        description="What computes the vectors. transformers: a Qwen3-VL checkpoint through our own engine "
+        "(text, images, both); sentence-transformers: a sentence-transformers model (text only); stand-in: "
+        "near-free deterministic vectors for measuring the pipeline itself (benchmarks only, refused by Serve).",
+    )
     recipe: RecipeName | Literal["auto"] = Field(
         default="auto",
         description="Prompt format and pooling defaults. auto: qwen3-vl-embedding for Qwen3-VL-Embedding "
@@ -220,6 +227,7 @@ class EmbedderConfig(ModelOptions):
     def signature(self) -> dict[str, Any]:
         """What a vector depends on: stored with every table and checked before appending or querying."""
         return {
+            "backend": self.backend,
             "model": self.model,
             "recipe": self.recipe,
             "pooling": self.resolved_pooling,

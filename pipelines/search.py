@@ -57,7 +57,7 @@ def search(
     the table's recorded configuration. `reranker` (a `pipelines.reranker.Reranker`): the vector search's
     first `rerank_candidates` rows (default 50) are reranked by it and the best `top_k` returned, each with
     its `rerank_score` (`pipelines.rerank_search`)."""
-    from pipelines.embedder import Embedder
+    from pipelines.backends import load_embedder
     from pipelines.table import check_matches, open_vectors_table, recorded_embedder_config, search_table
 
     if text is None and image is None:
@@ -68,7 +68,7 @@ def search(
 
         check_filter(where, table.schema.names)
     if embedder is None:
-        embedder = Embedder.from_config(recorded_embedder_config(table, device=device, dtype=dtype))
+        embedder = load_embedder(recorded_embedder_config(table, device=device, dtype=dtype))
     check_matches(table, embedder.config, embedder.get_embedding_dimension())
     item: dict[str, Any] = {}
     if text is not None:

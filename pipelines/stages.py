@@ -218,9 +218,9 @@ class EmbedActor:
         return self._dimension
 
     def _load(self) -> None:
-        from pipelines.embedder import Embedder
+        from pipelines.backends import load_embedder
 
-        self.embedder = Embedder.from_config(self.config)
+        self.embedder = load_embedder(self.config)
         loaded = self.embedder.get_embedding_dimension()
         if self._dimension is not None and loaded != self._dimension:
             raise RuntimeError(f"the model gives {loaded}-d vectors, the table expects {self._dimension}")

@@ -132,7 +132,8 @@ def check_matches(table, embedder_config: EmbedderConfig, dimension: int) -> Non
     recorded = recorded_metadata(table)
     check_recipe_version(table, recorded)
     mine = {**embedder_config.signature(), "dimension": dimension}
-    theirs = {**recorded["signature"], "dimension": recorded["dimension"]}
+    # tables made before backends existed were all computed by transformers
+    theirs = {"backend": "transformers", **recorded["signature"], "dimension": recorded["dimension"]}
     differences = {
         key: (theirs.get(key), mine.get(key))
         for key in sorted(set(mine) | set(theirs))

@@ -163,10 +163,10 @@ class EmbeddingModel(_BatchingReplica):
     """One embedder replica: it only embeds prepared items."""
 
     def __init__(self, config: dict[str, Any]):
-        from pipelines.embedder import Embedder
+        from pipelines.backends import load_embedder
 
         embedder_config = serving_embedder_config(Config.model_validate(config))
-        self.embedder = Embedder.from_config(embedder_config)
+        self.embedder = load_embedder(embedder_config)
         self._start(config, max(embedder_config.max_batch_tokens, embedder_config.max_length))
         self._warm_up()
         self.ready = True
