@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+# The option lists a recipe is made of; `pipelines.config` re-exports them (config imports this module, so
+# they are defined here, once).
 RecipeName = Literal["instruct-mean", "qwen3-vl-embedding"]
-RECIPE_NAMES: tuple[str, ...] = ("instruct-mean", "qwen3-vl-embedding")
+RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
+Pooling = Literal["mean", "cls", "max", "last"]
+PaddingSide = Literal["left", "right"]
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
@@ -43,9 +47,9 @@ _QWEN3_VL_EMBEDDING_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 @dataclass(frozen=True)
 class Recipe:
     name: RecipeName
-    pooling: Literal["mean", "cls", "max", "last"]
+    pooling: Pooling
     layer: int
-    padding_side: Literal["left", "right"]
+    padding_side: PaddingSide
     uses_instruction: bool
     default_instruction: str | None  # documents (the backfill, /v1/embeddings)
     default_query_instruction: str | None  # queries (search, /search, input_type=query)
