@@ -32,6 +32,7 @@ from serve.models import (
     RERANK_DEPLOYMENT,
     EmbeddingModel,
     RerankModel,
+    check_servable,
     serving_embedder_config,
     serving_reranker_config,
 )
@@ -231,6 +232,7 @@ def app_for(
 ):
     """The bound Serve application for a `Config`: `overrides` are `EmbeddingModel`'s Serve options,
     `ingress` `EmbeddingService`'s, `reranker_options` `RerankModel`'s (with a `reranker:` section)."""
+    check_servable(config.embedder)
     payload = config.model_dump(mode="json")
     if overrides.get("autoscaling_config") is not None:
         overrides["autoscaling_config"] = with_policy(overrides["autoscaling_config"])

@@ -80,6 +80,15 @@ def serving_embedder_config(config: Config) -> EmbedderConfig:
     )
 
 
+def check_servable(config: EmbedderConfig) -> None:
+    """Serve only embedders whose vectors mean something: the pipeline-benchmark stand-in is refused."""
+    if config.backend == "stand-in":
+        raise ValueError(
+            "embedder backend 'stand-in' is a pipeline-benchmark stand-in (pipelines.stand_in): its vectors "
+            "mean nothing, so Serve refuses it; use backend 'transformers' or 'sentence-transformers'"
+        )
+
+
 def serving_reranker_config(config: Config):
     """The reranker options of the app (the config's, with the server's image-size bound), or None."""
     if config.reranker is None:
@@ -166,6 +175,7 @@ class EmbeddingModel(_BatchingReplica):
         from pipelines.backends import load_embedder
 
         embedder_config = serving_embedder_config(Config.model_validate(config))
+        check_servable(embedder_config)
         self.embedder = load_embedder(embedder_config)
         self._start(config, max(embedder_config.max_batch_tokens, embedder_config.max_length))
         self._warm_up()
