@@ -364,7 +364,7 @@ examples:
         "--address", help="Ray cluster address; default: the config's, else RAY_ADDRESS, else a new local Ray"
     )
     add_config_flags(p, EmbedderConfig)
-    add_config_flags(p, ServeConfig, skip=("max_image_pixels",))  # set it in the file: the name is taken
+    add_config_flags(p, ServeConfig)
     p.set_defaults(handler=_run_serve)
 
 
@@ -381,7 +381,6 @@ def _run_serve(args) -> int:
         cls: {name: getattr(args, name) for name in cls.model_fields if getattr(args, name, None) is not None}
         for cls in (EmbedderConfig, ServeConfig)
     }
-    given[ServeConfig].pop("max_image_pixels", None)
     target = with_reranker(apply_flags(target, given[EmbedderConfig], given[ServeConfig]), args.reranker)
     resolve_model_source(target.config.embedder.model)  # a wrong local path fails here, not in every replica
     if target.config.reranker is not None:

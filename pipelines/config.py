@@ -450,11 +450,6 @@ class ServeConfig(StrictModel):
         default=256, ge=1, description="Most inputs in one request (413 above)."
     )
     max_text_chars: int = Field(default=32_768, ge=1, description="Longest text of one input (422 above).")
-    max_image_pixels: int = Field(
-        default=4096 * 4096,
-        ge=1,
-        description="Largest image (width x height) accepted over HTTP, checked before decoding (422 above).",
-    )
     max_top_k: int = Field(default=100, ge=1, description="Largest top_k of a /search request.")
     # batching and time
     batch_wait_timeout_s: float = Field(
@@ -517,6 +512,16 @@ class ServeConfig(StrictModel):
         "where vlm-embed starts Ray; a cluster needs it where Ray starts (README, Serving). HAProxy's "
         "stats (8404) and metrics (9101) ports then listen on all interfaces.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_image_pixels" in data:
+            raise ValueError(
+                "serve.max_image_pixels is gone: the image-size bound is one option, embedder.max_image_pixels "
+                "(and reranker.max_image_pixels), which the server applies to HTTP requests too"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:

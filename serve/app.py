@@ -33,8 +33,6 @@ from serve.models import (
     EmbeddingModel,
     RerankModel,
     check_servable,
-    serving_embedder_config,
-    serving_reranker_config,
 )
 from serve.search import SearchTable
 
@@ -63,7 +61,7 @@ class EmbeddingService:
 
         self.config = Config.model_validate(config)
         serve_config = self.config.serve
-        embedder_config = serving_embedder_config(self.config)
+        embedder_config = self.config.embedder
         self.model = model
         self.preparer = Preparer.load(embedder_config)
         self.dimension = embedding_dimension(embedder_config)
@@ -85,8 +83,7 @@ class EmbeddingService:
         if reranker is not None:
             from serve.rerank import RerankClient
 
-            reranker_config = serving_reranker_config(self.config)
-            self.reranker = RerankClient(reranker_config, reranker, serve_config, self._prepare_pool)
+            self.reranker = RerankClient(self.config.reranker, reranker, serve_config, self._prepare_pool)
 
     def __serve_build_asgi_app__(self):
         from serve.routes import build_api

@@ -73,13 +73,6 @@ class _TokenBudgetWarningFilter(logging.Filter):
         return "max_batch_size" not in record.getMessage()
 
 
-def serving_embedder_config(config: Config) -> EmbedderConfig:
-    """The embedder options both deployments use: the config's, with the server's image-size bound."""
-    return config.embedder.model_copy(
-        update={"max_image_pixels": min(config.embedder.max_image_pixels, config.serve.max_image_pixels)}
-    )
-
-
 def check_servable(config: EmbedderConfig) -> None:
     """Serve only embedders whose vectors mean something: the pipeline-benchmark stand-in is refused."""
     if config.backend == "stand-in":
@@ -87,15 +80,6 @@ def check_servable(config: EmbedderConfig) -> None:
             "embedder backend 'stand-in' is a pipeline-benchmark stand-in (pipelines.stand_in): its vectors "
             "mean nothing, so Serve refuses it; use backend 'transformers' or 'sentence-transformers'"
         )
-
-
-def serving_reranker_config(config: Config):
-    """The reranker options of the app (the config's, with the server's image-size bound), or None."""
-    if config.reranker is None:
-        return None
-    return config.reranker.model_copy(
-        update={"max_image_pixels": min(config.reranker.max_image_pixels, config.serve.max_image_pixels)}
-    )
 
 
 class _BatchingReplica:
@@ -174,7 +158,7 @@ class EmbeddingModel(_BatchingReplica):
     def __init__(self, config: dict[str, Any]):
         from pipelines.backends import load_embedder
 
-        embedder_config = serving_embedder_config(Config.model_validate(config))
+        embedder_config = Config.model_validate(config).embedder
         check_servable(embedder_config)
         self.embedder = load_embedder(embedder_config)
         self._start(config, max(embedder_config.max_batch_tokens, embedder_config.max_length))
@@ -215,7 +199,7 @@ class RerankModel(_BatchingReplica):
     def __init__(self, config: dict[str, Any]):
         from pipelines.reranker import Reranker
 
-        reranker_config = serving_reranker_config(Config.model_validate(config))
+        reranker_config = Config.model_validate(config).reranker
         self.reranker = Reranker.from_config(reranker_config)
         self._start(config, max(reranker_config.max_batch_tokens, reranker_config.max_length + 16))
         self.warm_up_s = self.reranker.warm_up()

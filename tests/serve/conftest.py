@@ -14,9 +14,8 @@ from tests.conftest import image_bytes
 API_KEY = "test-key-0123"
 API_KEY_ENV = "VLM_EMBED_TEST_API_KEY"
 # Small limits so that every refusal is cheap to provoke.
-LIMITS = dict(
-    max_body_bytes=256 * 1024, max_items_per_request=16, max_text_chars=2000, max_image_pixels=160 * 160
-)
+LIMITS = dict(max_body_bytes=256 * 1024, max_items_per_request=16, max_text_chars=2000)
+MAX_IMAGE_PIXELS = 160 * 160
 
 
 def free_port() -> int:
@@ -90,7 +89,9 @@ def serve_http(ray_session):
 
 def app_config(tiny_model_dir, table_uri: str, **serve_options) -> Config:
     return Config(
-        embedder=EmbedderConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"),
+        embedder=EmbedderConfig(
+            model=str(tiny_model_dir), device="cpu", dtype="float32", max_image_pixels=MAX_IMAGE_PIXELS
+        ),
         table=TableConfig(uri=table_uri),
         serve=ServeConfig(
             **{

@@ -63,6 +63,12 @@ def test_the_app_args_are_one_config_inline_or_a_path(tmp_path):
         config_from_args({"config": {"embedder": {"pooling": "mean", "typo": 1}}})
 
 
+def test_the_image_size_bound_is_one_option_and_the_old_serve_one_is_refused_with_where_it_went():
+    with pytest.raises(ValueError, match="embedder.max_image_pixels"):
+        Config.model_validate({"serve": {"max_image_pixels": 1000}})
+    assert "max_image_pixels" not in ServeConfig.model_fields
+
+
 def test_deployment_options_follow_the_serve_section():
     serve_config = ServeConfig(
         min_replicas=2, max_replicas=2, num_gpus=1, retry_after_s=4, ingress_replicas=3
