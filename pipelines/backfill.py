@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.config_flags import add_config_flags
 from pipelines.loading import embedding_dimension
+from pipelines.ray_cluster import ray_address, resolve_num_gpus
 from pipelines.readers import is_uri
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def connect_ray(resources: ResourcesConfig, quiet: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    address = resources.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    address = ray_address(resources.ray_address)
     if quiet:
         from pipelines.ray_logs import init_ray_quietly
 
@@ -111,14 +112,6 @@ def absolute_paths(config: Config, cwd: str) -> Config:
     ]
     table = config.table.model_copy(update={"uri": absolute(config.table.uri)})
     return config.model_copy(update={"sources": sources, "table": table})
-
-
-def resolve_num_gpus(resources: ResourcesConfig) -> float:
-    import ray
-
-    if resources.num_gpus_per_actor is not None:
-        return resources.num_gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 # -- the job -------------------------------------------------------------------------------------------------
@@ -149,7 +142,7 @@ def run_backfill(
     datasets = [read_source(source) for source in config.sources]
     if done:
         log.info("resuming: %d ids are already in the tables and will be skipped", len(done))
-    num_gpus = resolve_num_gpus(config.resources)
+    num_gpus = resolve_num_gpus(config.resources.num_gpus_per_actor)
     pipeline = build_pipeline(datasets, config, done_set(sorted(done)), num_gpus, dimension)
     try:
         for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -433,8 +433,10 @@ class ResourcesConfig(StrictModel):
 class ServeConfig(StrictModel):
     """The HTTP endpoint: where it listens, what it accepts, how it batches, and its replicas.
 
-    The replica settings here are the defaults of the Serve deployment; a Serve config file
-    (serve/config.yaml, `deployments:`) overrides them, as Serve config files always do.
+    These fields are the one place the Serve deployments' options are set (`serve.app.deployment_options`
+    derives them): `vlm-embed serve` flags override the file's values, a Serve config file carries them in its
+    application's `args.config.serve`, and its `deployments:` entries are refused by `vlm-embed serve` (with
+    `serve run`/`serve deploy` Serve would apply them on top: leave them out). Changing one redeploys the app.
     """
 
     host: str = Field(default="127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
@@ -484,6 +486,18 @@ class ServeConfig(StrictModel):
         description="GPUs per model replica; default: 1 if the Ray cluster has GPUs, else 0.",
     )
     num_cpus: float = Field(default=1, ge=0, description="CPUs per model replica.")
+    upscale_delay_s: float = Field(
+        default=10, ge=0, description="How long the autoscaler sees too much load before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        default=120, ge=0, description="How long it sees too little before removing one."
+    )
+    health_check_period_s: float = Field(
+        default=10, gt=0, description="How often Serve checks a model replica's health."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30, ge=0, description="How long a stopping model replica may finish its requests."
+    )
     reranker_replicas: int = Field(
         default=1, ge=1, description="Reranker replicas (when the config has a reranker: section)."
     )

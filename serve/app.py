@@ -22,6 +22,7 @@ from ray import serve as ray_serve
 from pipelines.config import Config, ServeConfig
 from pipelines.items import ItemError
 from pipelines.metrics import ServeMetrics
+from pipelines.ray_cluster import resolve_num_gpus
 from serve.auth import api_key_from_env
 from serve.autoscaling import POLICY as AUTOSCALING_POLICY
 from serve.coalesce import Coalescer
@@ -156,19 +157,8 @@ def config_from_args(args: dict[str, Any] | None) -> Config:
     return Config.model_validate(args.get("config") or {})
 
 
-def resolve_num_gpus(num_gpus: float | None) -> float:
-    """GPUs per replica: as configured, else 1 when the connected Ray cluster has a GPU, else 0."""
-    if num_gpus is not None:
-        return num_gpus
-    import ray
-
-    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
-        return 1
-    return 0
-
-
 def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
-    """`EmbeddingModel`'s Serve options from the config; a Serve config file's `deployments:` entry wins."""
+    """`EmbeddingModel`'s Serve options: all of them from the config's `serve` section (their one owner)."""
     options: dict[str, Any] = {
         "max_ongoing_requests": serve_config.max_ongoing_requests,
         "max_queued_requests": serve_config.max_queued_requests,
@@ -176,6 +166,8 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
             "num_cpus": serve_config.num_cpus,
             "num_gpus": resolve_num_gpus(serve_config.num_gpus),
         },
+        "health_check_period_s": serve_config.health_check_period_s,
+        "graceful_shutdown_timeout_s": serve_config.graceful_shutdown_timeout_s,
     }
     if serve_config.min_replicas == serve_config.max_replicas:
         options["num_replicas"] = serve_config.max_replicas
@@ -185,13 +177,15 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
                 "min_replicas": serve_config.min_replicas,
                 "max_replicas": serve_config.max_replicas,
                 "target_ongoing_requests": serve_config.target_ongoing_requests,
+                "upscale_delay_s": serve_config.upscale_delay_s,
+                "downscale_delay_s": serve_config.downscale_delay_s,
             }
         )
     return options
 
 
 def rerank_deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
-    """`RerankModel`'s Serve options from the config; a Serve config file's `deployments:` entry wins."""
+    """`RerankModel`'s Serve options, from the config's `serve` section."""
     return {
         "num_replicas": serve_config.reranker_replicas,
         "max_ongoing_requests": serve_config.max_ongoing_requests,
@@ -227,8 +221,10 @@ def app_for(
     reranker_options: dict[str, Any] | None = None,
     **overrides: Any,
 ):
-    """The bound Serve application for a `Config`: `overrides` are `EmbeddingModel`'s Serve options,
-    `ingress` `EmbeddingService`'s, `reranker_options` `RerankModel`'s (with a `reranker:` section)."""
+    """The bound Serve application for a `Config`; its deployments' options come from `config.serve`.
+    Python callers (the tests, the benchmarks) may add Serve options the config does not model (a
+    `runtime_env`, autoscaling metric intervals): `overrides` for `EmbeddingModel`, `ingress` for
+    `EmbeddingService`, `reranker_options` for `RerankModel`. `vlm-embed serve` passes none."""
     check_servable(config.embedder)
     payload = config.model_dump(mode="json")
     if overrides.get("autoscaling_config") is not None:

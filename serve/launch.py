@@ -1,15 +1,15 @@
 """`vlm-embed serve`: read a config file, start Ray Serve on 127.0.0.1:8000 (by default), serve until Ctrl-C.
 
 The file is either the project's `Config` YAML (the same file that drives a backfill) or a Ray Serve config
-file such as serve/config.yaml, whose application `serve.app:build_app` carries the `Config` in its `args` and
-whose `deployments:` entries hold Serve options (`EmbeddingModel`: replicas, GPUs, batching; `EmbeddingService`:
-the HTTP ingress). Flags given on the command line win over both; they set the model deployment's options.
+file such as serve/config.yaml, whose application `serve.app:build_app` carries the `Config` in its `args`.
+Every option of the deployments (replicas, GPUs, queues, autoscaling) is a field of the config's `serve`
+section (`ServeConfig`, their one owner); flags given on the command line win over the file's values. A Serve
+file's `deployments:` entries would be a second owner, so they are refused with where each option lives.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,28 +18,9 @@ from typing import Any
 import yaml
 
 from pipelines.config import Config
+from pipelines.ray_cluster import ray_address
 
 BUILDER = "serve.app:build_app"
-MODEL_DEPLOYMENT = "EmbeddingModel"  # serve.app's names, without importing Ray here
-INGRESS_DEPLOYMENT = "EmbeddingService"
-RERANK_DEPLOYMENT = "RerankModel"
-# ServeConfig fields whose flag replaces what a Serve config file's deployment entry says
-_FLAG_OPTIONS = {
-    "num_gpus": ("ray_actor_options", "num_gpus"),
-    "num_cpus": ("ray_actor_options", "num_cpus"),
-    "max_ongoing_requests": ("max_ongoing_requests",),
-    "max_queued_requests": ("max_queued_requests",),
-}
-# ... and those whose flag replaces what it says for the ingress
-_INGRESS_FLAG_OPTIONS = {
-    "max_ongoing_requests": ("max_ongoing_requests",),  # the ingress holds what every model replica can take
-    "max_replicas": ("max_ongoing_requests",),
-    "max_queued_requests": ("max_queued_requests",),
-    "retry_after_s": ("backpressure_config", "retry_after_s"),
-    "ingress_replicas": ("num_replicas",),
-    "ingress_num_cpus": ("ray_actor_options", "num_cpus"),
-}
-_REPLICA_FIELDS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 
 
 class LaunchError(ValueError):
@@ -48,14 +29,10 @@ class LaunchError(ValueError):
 
 @dataclass
 class Target:
-    """What to serve: the `Config`, Serve options of the deployments from a Serve config file (`deployment`
-    for `EmbeddingModel`, `ingress` for `EmbeddingService`, `reranker` for `RerankModel`), and HTTP options."""
+    """What to serve: the `Config`, and the HTTP options of a Serve config file (the proxy's own)."""
 
     config: Config
-    deployment: dict[str, Any] = field(default_factory=dict)
     http_options: dict[str, Any] = field(default_factory=dict)
-    ingress: dict[str, Any] = field(default_factory=dict)
-    reranker: dict[str, Any] = field(default_factory=dict)
 
 
 def load_target(path: Path | None) -> Target:
@@ -82,27 +59,16 @@ def _from_serve_file(path: Path, data: dict[str, Any]) -> Target:
     if len(ours) != 1:
         raise LaunchError(f"{path}: expected one application with import_path {BUILDER}, found {len(ours)}")
     app = ours[0]
-    config = config_from_args(app.get("args"))
-    entries = {d.get("name"): d for d in app.get("deployments") or []}
-    known = {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT, RERANK_DEPLOYMENT}
-    unknown = sorted(set(entries) - known, key=str)
-    if unknown:
+    if app.get("deployments"):
+        names = sorted(str(d.get("name")) for d in app["deployments"])
         raise LaunchError(
-            f"{path}: unknown deployments {unknown}; this app has {MODEL_DEPLOYMENT}, {INGRESS_DEPLOYMENT} "
-            f"and (with a reranker: section) {RERANK_DEPLOYMENT}"
+            f"{path}: the application has deployments: entries ({', '.join(names)}); vlm-embed takes every "
+            "deployment option from args.config.serve (replicas: min_replicas, max_replicas, "
+            "target_ongoing_requests, upscale_delay_s, downscale_delay_s; resources: num_gpus, num_cpus, "
+            "ingress_replicas, ingress_num_cpus, reranker_replicas, reranker_num_gpus; queues: "
+            "max_ongoing_requests, max_queued_requests, retry_after_s): move them there"
         )
-
-    def options(name: str) -> dict[str, Any]:
-        return {k: v for k, v in entries.get(name, {}).items() if k != "name"}
-
-    http_options = dict(data.get("http_options") or {})
-    return Target(
-        config,
-        options(MODEL_DEPLOYMENT),
-        http_options,
-        options(INGRESS_DEPLOYMENT),
-        options(RERANK_DEPLOYMENT),
-    )
+    return Target(config_from_args(app.get("args")), dict(data.get("http_options") or {}))
 
 
 def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any]) -> Target:
@@ -116,27 +82,7 @@ def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any])
             ),
         }
     )
-    deployment = _copy(target.deployment)
-    given_options = [name for name in serve if name in _FLAG_OPTIONS]
-    if given_options or any(name in serve for name in _REPLICA_FIELDS):
-        from serve.app import deployment_options
-
-        derived = deployment_options(config.serve)
-        _override(deployment, [_FLAG_OPTIONS[name] for name in given_options], derived)
-        if any(name in serve for name in _REPLICA_FIELDS):
-            for key in ("num_replicas", "autoscaling_config"):
-                deployment.pop(key, None)
-                if key in derived:
-                    deployment[key] = derived[key]
-    ingress = _copy(target.ingress)
-    given_ingress = [name for name in serve if name in _INGRESS_FLAG_OPTIONS]
-    if given_ingress:
-        from serve.app import ingress_options
-
-        _override(
-            ingress, [_INGRESS_FLAG_OPTIONS[name] for name in given_ingress], ingress_options(config.serve)
-        )
-    return Target(config, deployment, target.http_options, ingress, target.reranker)
+    return replace(target, config=config)
 
 
 def with_reranker(target: Target, model: str | None) -> Target:
@@ -150,35 +96,8 @@ def with_reranker(target: Target, model: str | None) -> Target:
     return replace(target, config=target.config.model_copy(update={"reranker": reranker}))
 
 
-def _copy(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in options.items()}
-
-
-def _override(options: dict[str, Any], paths: list[tuple[str, ...]], derived: dict[str, Any]) -> None:
-    """Set each of `paths` in `options` to its value in `derived` (what the flags' config gives)."""
-    for path in paths:
-        _set(options, path, _get(derived, path))
-
-
 def _http_defaults(http_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return {key: http_options[key] for key in ("host", "port") if key in http_options and key not in given}
-
-
-def _get(options: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        options = options[key]
-    return options
-
-
-def _set(options: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        options = options.setdefault(key, {})
-    options[path[-1]] = value
-
-
-def ray_address(config: Config, address: str | None) -> str | None:
-    """`--address`, else the config's, else RAY_ADDRESS's cluster, else a new local Ray."""
-    return address or config.resources.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
 
 
 def serve_forever(target: Target, address: str | None) -> int:
@@ -191,7 +110,7 @@ def serve_forever(target: Target, address: str | None) -> int:
 
     print_fn = functools.partial(print, flush=True)
     config = target.config
-    address = ray_address(config, address)
+    address = ray_address(config.resources.ray_address, address)
     if config.serve.high_throughput and address == "local":
         for line in enable_for_local_ray():
             print_fn(line)
@@ -205,7 +124,7 @@ def serve_forever(target: Target, address: str | None) -> int:
         http_options={"host": config.serve.host, "port": config.serve.port, "request_timeout_s": timeout}
     )
     try:
-        app = app_for(config, target.ingress, reranker_options=target.reranker, **target.deployment)
+        app = app_for(config)
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{config.serve.host}:{config.serve.port}"
         rerank = f"POST /rerank ({config.reranker.model}), " if config.reranker is not None else ""

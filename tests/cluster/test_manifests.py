@@ -230,7 +230,7 @@ CLUSTER_CHANGES = {
     (*APP_CONFIG, "embedder", "dimensions"): "the RayJob's dimensions",
     (*APP_CONFIG, "table", "uri"): "the table the RayJob writes, in object storage",
     (*APP_CONFIG, "table", "storage_options"): "the RayJob's object-store options",
-    ("applications", 0, "deployments", 0, "ray_actor_options", "num_gpus"): "one GPU per model replica",
+    (*APP_CONFIG, "serve", "num_gpus"): "one GPU per model replica",
 }
 
 
@@ -269,11 +269,11 @@ def test_rayservice_serve_config_is_serve_config_yaml_but_for_the_cluster_change
 
 def test_serve_config_comparison_finds_any_other_change():
     local, cluster = _serve_configs()
-    cluster["applications"][0]["deployments"][0]["max_ongoing_requests"] = -1
+    cluster["applications"][0]["args"]["config"]["serve"]["max_ongoing_requests"] = -1
     cluster["applications"][0]["args"]["config"]["serve"]["max_top_k"] = -1
     cluster["proxy_location"] = "Disabled"
     assert _differences(local, cluster) - set(CLUSTER_CHANGES) == {
-        ("applications", 0, "deployments", 0, "max_ongoing_requests"),
+        (*APP_CONFIG, "serve", "max_ongoing_requests"),
         (*APP_CONFIG, "serve", "max_top_k"),
         ("proxy_location",),
     }
@@ -300,7 +300,14 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config_for_the_cluster(
     (head,) = cluster_spec("RayService")["headGroupSpec"]["template"]["spec"]["containers"]
     serve_ports = [p["containerPort"] for p in head["ports"] if p["name"] == "serve"]
     assert serve_ports == [config.http_options.port]
+    from serve.app import deployment_options, ingress_options
+
     for app in config.applications:
-        gpus = {d.name: d.ray_actor_options.num_gpus for d in app.deployments}
+        assert app.deployments == []  # their options are all in args.config.serve
+        serve_config = _app_config(_serve_configs()[1]).serve
+        gpus = (
+            deployment_options(serve_config)["ray_actor_options"]["num_gpus"],
+            ingress_options(serve_config)["ray_actor_options"]["num_gpus"],
+        )
         # the model replicas hold a GPU each; the HTTP ingress needs none
-        assert gpus["EmbeddingModel"] >= 1 and gpus["EmbeddingService"] == 0, gpus
+        assert gpus[0] >= 1 and gpus[1] == 0, gpus

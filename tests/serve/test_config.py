@@ -1,4 +1,5 @@
-"""serve/config.yaml is a valid Ray Serve config file carrying the project's Config, and flags override it."""
+"""serve/config.yaml is a valid Ray Serve config file carrying the project's Config, which alone sets the
+deployments' options, and flags override it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import pytest
 import yaml
 
 from pipelines.config import Config, ServeConfig
-from serve.app import (
-    INGRESS_DEPLOYMENT,
-    MODEL_DEPLOYMENT,
-    build_app,
-    config_from_args,
-    deployment_options,
-    ingress_options,
-)
+from serve.app import build_app, config_from_args, deployment_options, ingress_options
 from serve.launch import BUILDER, LaunchError, apply_flags, load_target
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
@@ -30,15 +24,16 @@ def test_the_shipped_file_is_a_valid_serve_config_for_our_app():
     assert app.import_path == BUILDER and app.route_prefix == "/"
     config = config_from_args(app.args)
     assert isinstance(config, Config) and config.serve.api_key_env == "VLM_EMBED_API_KEY"
-    model, ingress = app.deployments
-    assert (model.name, ingress.name) == (MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT)
-    assert model.autoscaling_config["min_replicas"] <= model.autoscaling_config["max_replicas"]
-    assert model.ray_actor_options.num_gpus == 0 and model.max_ongoing_requests >= 1
+    assert app.deployments == []  # every deployment option is in args.config.serve, their one place
+    model, ingress = deployment_options(config.serve), ingress_options(config.serve)
+    assert model["autoscaling_config"]["min_replicas"] < model["autoscaling_config"]["max_replicas"]
+    assert model["autoscaling_config"]["upscale_delay_s"] == 10
+    assert model["ray_actor_options"]["num_gpus"] == 0 and model["max_ongoing_requests"] >= 1
     # the ingress can hold what every model replica batches at once, and refuses past its queue with a 503
+    assert ingress["max_ongoing_requests"] >= model["max_ongoing_requests"] * config.serve.max_replicas
     assert (
-        ingress.max_ongoing_requests >= model.max_ongoing_requests * model.autoscaling_config["max_replicas"]
+        ingress["ray_actor_options"]["num_gpus"] == 0 and ingress["backpressure_config"]["retry_after_s"] >= 1
     )
-    assert ingress.ray_actor_options.num_gpus == 0 and ingress.backpressure_config.retry_after_s >= 1
 
 
 def test_serve_calls_the_app_builder_with_the_shipped_args_and_gets_an_application():
@@ -85,6 +80,8 @@ def test_deployment_options_follow_the_serve_section():
         "min_replicas": 1,
         "max_replicas": 3,
         "target_ongoing_requests": 8,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 120,
         "policy": {"policy_function": "serve.autoscaling:pending_items_policy"},
     }
     assert "num_replicas" not in scaled
@@ -98,27 +95,27 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
         "embedder:\n  model: tiny\n  dimensions: 32\ntable:\n  uri: /data/db\nserve:\n  port: 9000\n"
     )
     target = load_target(job)
-    assert (
-        target.config.embedder.dimensions == 32
-        and target.config.serve.port == 9000
-        and target.deployment == {}
-    )
+    assert target.config.embedder.dimensions == 32 and target.config.serve.port == 9000
 
     served = load_target(SERVE_CONFIG)
-    assert served.deployment["ray_actor_options"]["num_gpus"] == 0
+    assert deployment_options(served.config.serve)["ray_actor_options"]["num_gpus"] == 0
     overridden = apply_flags(served, {"model": "/models/x"}, {"num_gpus": 1, "port": 8123, "max_replicas": 5})
     assert overridden.config.embedder.model == "/models/x" and overridden.config.serve.port == 8123
-    assert overridden.deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
-    assert overridden.deployment["autoscaling_config"]["max_replicas"] == 5
-    assert served.ingress["num_replicas"] == 1 and served.ingress["max_ongoing_requests"] == 128
+    model = deployment_options(overridden.config.serve)
+    assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    assert model["autoscaling_config"]["max_replicas"] == 5
+    assert model["autoscaling_config"]["downscale_delay_s"] == 120  # the file's value where no flag is given
+    ingress = ingress_options(served.config.serve)
+    assert ingress["num_replicas"] == 1 and ingress["max_ongoing_requests"] == 128
     # five model replicas of 64 requests each: the ingress takes 320 at once
-    assert overridden.ingress == {**served.ingress, "max_ongoing_requests": 5 * 64}
-    more_ingress = apply_flags(served, {}, {"ingress_replicas": 4, "retry_after_s": 7})
-    assert more_ingress.ingress["num_replicas"] == 4
-    assert more_ingress.ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
+    assert ingress_options(overridden.config.serve) == {**ingress, "max_ongoing_requests": 5 * 64}
+    more_ingress = ingress_options(
+        apply_flags(served, {}, {"ingress_replicas": 4, "retry_after_s": 7}).config.serve
+    )
+    assert more_ingress["num_replicas"] == 4
+    assert more_ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
     untouched = apply_flags(served, {}, {})
-    assert untouched.deployment == served.deployment and untouched.config.serve.port == 8000
-    assert untouched.ingress == served.ingress
+    assert untouched.config == served.config and untouched.config.serve.port == 8000
 
 
 @pytest.mark.parametrize(
@@ -128,8 +125,8 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
         ("applications:\n  - name: other\n    import_path: x:y\n", "serve.app:build_app"),
         (
             "applications:\n  - name: a\n    import_path: serve.app:build_app\n    deployments:\n"
-            "      - name: Typo\n",
-            "unknown deployments",
+            "      - name: EmbeddingModel\n        num_replicas: 2\n",
+            "from args.config.serve",
         ),
         ("embedder: {model: [\n", "not valid YAML"),
     ],
@@ -141,17 +138,18 @@ def test_a_file_that_cannot_be_served_is_refused_with_a_message(tmp_path, conten
         load_target(path)
 
 
-def test_a_serve_file_may_hold_the_reranker_and_its_deployment_options(tmp_path):
+def test_a_serve_file_may_hold_the_reranker_and_its_replicas(tmp_path):
+    from serve.app import rerank_deployment_options
     from serve.launch import with_reranker
 
     path = tmp_path / "serve.yaml"
     path.write_text(
         "applications:\n  - name: a\n    import_path: serve.app:build_app\n"
-        "    args: {config: {reranker: {model: tiny-reranker, max_length: 4096}}}\n"
-        "    deployments:\n      - name: RerankModel\n        num_replicas: 3\n"
+        "    args: {config: {reranker: {model: tiny-reranker, max_length: 4096}, serve: {reranker_replicas: 3}}}\n"
     )
     target = load_target(path)
-    assert target.config.reranker.model == "tiny-reranker" and target.reranker == {"num_replicas": 3}
+    assert target.config.reranker.model == "tiny-reranker"
+    assert rerank_deployment_options(target.config.serve)["num_replicas"] == 3
     swapped = with_reranker(target, "Qwen/Qwen3-VL-Reranker-2B")
     assert swapped.config.reranker.model == "Qwen/Qwen3-VL-Reranker-2B"
     assert swapped.config.reranker.max_length == 4096  # the file's other reranker options stay
