@@ -96,10 +96,11 @@ def mark_done(batch, done: np.ndarray):
 
 
 def build_preparer(config: EmbedderConfig):
-    """The same `Preparer` an `Embedder` builds, from the tokenizer and image processor only (no weights)."""
-    from pipelines.prepare import Preparer
+    """The same preparer the backend's embedder builds (`backends.load_preparer`): for Qwen3-VL from the
+    tokenizer and image processor only (no weights)."""
+    from pipelines.backends import load_preparer
 
-    return Preparer.load(config)
+    return load_preparer(config)
 
 
 @functools.lru_cache(maxsize=4)

@@ -100,7 +100,10 @@ def recorded_metadata(table) -> dict[str, Any]:
 
 def check_recipe_version(table, recorded: dict[str, Any]) -> None:
     """Refuse a table whose recipe version is not the one this code computes (tables made before versions
-    were recorded are version 1): its vectors and new ones would not be comparable."""
+    were recorded are version 1): its vectors and new ones would not be comparable. Backends without recipes
+    (sentence-transformers: the model's own modules) have no version to check."""
+    if "recipe" not in recorded["signature"]:
+        return
     recipe = recorded["signature"]["recipe"]
     theirs = recorded.get("recipe_version", 1)
     mine = RECIPES[recipe].version if recipe in RECIPES else None
