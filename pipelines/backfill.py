@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from pipelines.backends import embedding_dimension
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.config_flags import add_config_flags
-from pipelines.loading import embedding_dimension
 from pipelines.ray_cluster import ray_address, resolve_num_gpus
 from pipelines.readers import is_uri
 

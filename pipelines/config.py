@@ -175,8 +175,41 @@ class EmbedderConfig(ModelOptions):
     @classmethod
     def _resolve_auto_recipe(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("recipe", "auto") in ("auto", None):
-            data = {**data, "recipe": recipe_for_model(str(data.get("model") or TINY_MODEL))}
+            model = str(data.get("model") or TINY_MODEL)
+            # sentence-transformers models bring their own modules: the placeholder recipe is never used
+            own = data.get("backend") == "sentence-transformers"
+            data = {**data, "recipe": "instruct-mean" if own else recipe_for_model(model)}
         return data
+
+    @model_validator(mode="after")
+    def _check_sentence_transformers_options(self) -> Self:
+        """The sentence-transformers backend tokenizes, pools and normalises with the model's own modules
+        (its modules.json), and takes texts only: the Qwen3-VL engine's options mean nothing there and are
+        refused rather than silently ignored."""
+        if self.backend != "sentence-transformers":
+            return self
+        if self.model in TINY_MODELS:
+            raise ValueError(
+                f"backend 'sentence-transformers' needs a sentence-transformers model (a directory with "
+                f"modules.json or a hub id), not the built-in Qwen3-VL checkpoint {self.model!r}"
+            )
+        given = [
+            name
+            for name in ("pooling", "layer", "padding_side", "instruction", "query_instruction")
+            + ("min_pixels", "max_pixels")
+            if getattr(self, name) is not None
+        ]
+        given += ["recipe"] if self.recipe != "instruct-mean" else []
+        given += ["quantization"] if self.quantization != "none" else []
+        given += ["attention_layout=packed"] if self.attention_layout == "packed" else []
+        given += ["compile"] if self.compile is True else []
+        if given:
+            raise ValueError(
+                f"backend 'sentence-transformers' takes no {', '.join(given)}: the model's own modules "
+                "(modules.json) decide its tokenization, prompts, pooling and normalisation, and it embeds "
+                "texts only; leave them out"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_instructions(self) -> Self:
@@ -226,6 +259,14 @@ class EmbedderConfig(ModelOptions):
 
     def signature(self) -> dict[str, Any]:
         """What a vector depends on: stored with every table and checked before appending or querying."""
+        if self.backend == "sentence-transformers":  # the model's own modules: no recipe, pooling or pixels
+            return {
+                "backend": self.backend,
+                "model": self.model,
+                "normalize": self.normalize,
+                "dimensions": self.dimensions,
+                "max_length": self.max_length,
+            }
         return {
             "backend": self.backend,
             "model": self.model,

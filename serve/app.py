@@ -57,14 +57,13 @@ class EmbeddingService:
     scores from the `RerankModel` deployment through `reranker` (None: no reranker configured)."""
 
     def __init__(self, config: dict[str, Any], model, reranker=None):
-        from pipelines.loading import embedding_dimension
-        from pipelines.prepare import Preparer
+        from pipelines.backends import embedding_dimension, load_preparer
 
         self.config = Config.model_validate(config)
         serve_config = self.config.serve
         embedder_config = self.config.embedder
         self.model = model
-        self.preparer = Preparer.load(embedder_config)
+        self.preparer = load_preparer(embedder_config)
         self.dimension = embedding_dimension(embedder_config)
         self.normalize = embedder_config.normalize
         self.model_name = serve_config.served_model_name or self.config.embedder.model
