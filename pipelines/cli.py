@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backfill(commands)
     _add_search(commands)
     _add_rerank(commands)
+    _add_eval(commands)
     _add_serve(commands)
     return parser
 
@@ -306,6 +307,21 @@ def _run_search(args) -> int:
     from pipelines.search import run_search_command
 
     return run_search_command(args)
+
+
+def _add_eval(commands) -> None:
+    from pipelines.eval_command import DESCRIPTION as EVAL
+    from pipelines.eval_command import add_eval_arguments
+
+    p = _subparser(commands, "eval", "measure retrieval quality on labelled queries (recall, MRR, nDCG)", EVAL)
+    add_eval_arguments(p)
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from pipelines.eval_command import run_eval_command
+
+    return run_eval_command(args)
 
 
 # -- serve (implemented in serve.launch and serve.app) ----------------------------------------------------
