@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(commands)
     _add_rerank(commands)
     _add_eval(commands)
+    _add_answer(commands)
     _add_serve(commands)
     return parser
 
@@ -340,6 +341,21 @@ def _run_rerank(args) -> int:
     from pipelines.rerank_command import run_rerank_command
 
     return run_rerank_command(args)
+
+
+def _add_answer(commands) -> None:
+    from pipelines.answer_command import DESCRIPTION as ANSWER
+    from pipelines.answer_command import add_answer_arguments
+
+    p = _subparser(commands, "answer", "answer a question from a table with the same (Instruct) model", ANSWER)
+    add_answer_arguments(p)
+    p.set_defaults(handler=_run_answer)
+
+
+def _run_answer(args) -> int:
+    from pipelines.answer_command import run_answer_command
+
+    return run_answer_command(args)
 
 
 def _add_serve(commands) -> None:
