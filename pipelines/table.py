@@ -150,19 +150,20 @@ def check_matches(table, embedder_config: EmbedderConfig, dimension: int) -> Non
 
 
 def search_table(
-    table, vector: np.ndarray, top_k: int = 10, where: str | None = None, columns: list[str] | None = None
+    table,
+    vector: np.ndarray | None,
+    top_k: int = 10,
+    where: str | None = None,
+    columns: list[str] | None = None,
+    *,
+    mode: str = "vector",
+    text: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The `top_k` nearest rows by cosine similarity: dicts with `id`, `score` (cosine similarity), `modality`,
-    `text`, `image_uri` and any extra `columns`. `where` must be one SQL condition on the table's columns
-    (`pipelines.filters.check_filter`, else `FilterError`): LanceDB would silently drop what follows one."""
-    from pipelines.filters import check_filter
+    """The `top_k` best rows: dicts with `id`, `score`, `modality`, `text`, `image_uri` and any extra
+    `columns`. `mode` vector (cosine `score`), text (full-text, BM25 `score`; needs `text`) or hybrid (both,
+    fused by LanceDB's RRF reranker); reduced and int8 tables are handled (`pipelines.table_query`). `where`
+    must be one SQL condition on the table's columns (`pipelines.filters.check_filter`, else `FilterError`):
+    LanceDB would silently drop what follows one."""
+    from pipelines.table_query import search_rows
 
-    if top_k < 1:
-        raise ValueError("top_k must be at least 1")
-    wanted = ["id", "modality", "text", "image_uri", *(columns or [])]
-    query = table.search(np.asarray(vector, np.float32), vector_column_name="vector").distance_type("cosine")
-    if where:
-        query = query.where(check_filter(where, table.schema.names), prefilter=True)
-    # refine_factor re-ranks the candidates of an approximate (IVF-PQ) index by their exact distances
-    rows = query.select([*wanted, "_distance"]).refine_factor(10).limit(top_k).to_list()
-    return [{**{key: row.get(key) for key in wanted}, "score": 1.0 - float(row["_distance"])} for row in rows]
+    return search_rows(table, vector, text, mode=mode, top_k=top_k, where=where, columns=columns)
