@@ -93,7 +93,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot_runs(runs, args.plot)
+        try:
+            plot_runs(runs, args.plot)
+        except UsageError as exc:
+            print(f"eval: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -233,7 +237,10 @@ def _delta(name: str, value: float | None, base: float | None) -> str:
 def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
     """Grouped bars, one group per metric and one bar per run, the random baseline's nDCG@10 as a dashed
     line, and each run's p50 latency in its legend entry (matplotlib's Agg backend, no display)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'vlm-embed[eval]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
