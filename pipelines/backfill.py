@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from pipelines.backends import embedding_dimension
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
-from pipelines.config_flags import add_config_flags
+from pipelines.config_flags import add_config_flags, with_flags
 from pipelines.ray_cluster import ray_address, resolve_num_gpus
 from pipelines.readers import is_uri
 
@@ -232,13 +232,11 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file (or the sample job), with the flags given on the command line on top."""
-    data = (Config.from_yaml(args.config) if args.config else sample_job_config()).model_dump()
-    for name, section in SECTIONS.items():
-        given = {f: getattr(args, f) for f in section.model_fields if getattr(args, f, None) is not None}
-        data[name] = {**data[name], **given}
+    config = with_flags(Config.from_yaml(args.config) if args.config else sample_job_config(), args, SECTIONS)
     if args.source:
-        data["sources"] = [_parse_source(spec).model_dump() for spec in args.source]
-    return Config.model_validate(data)
+        sources = [_parse_source(spec).model_dump() for spec in args.source]
+        config = Config.model_validate({**config.model_dump(), "sources": sources})
+    return config
 
 
 def _parse_source(spec: str) -> SourceConfig:

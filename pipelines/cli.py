@@ -401,7 +401,6 @@ examples:
 
 
 def _run_serve(args) -> int:
-    from pipelines.config import ServeConfig
     from pipelines.loading import resolve_model_source
     from serve.launch import LaunchError, apply_flags, load_target, serve_forever, with_reranker
 
@@ -409,11 +408,7 @@ def _run_serve(args) -> int:
         target = load_target(args.config)
     except LaunchError as exc:
         raise CliError(str(exc)) from exc
-    given = {
-        cls: {name: getattr(args, name) for name in cls.model_fields if getattr(args, name, None) is not None}
-        for cls in (EmbedderConfig, ServeConfig)
-    }
-    target = with_reranker(apply_flags(target, given[EmbedderConfig], given[ServeConfig]), args.reranker)
+    target = with_reranker(apply_flags(target, args), args.reranker)
     resolve_model_source(target.config.embedder.model)  # a wrong local path fails here, not in every replica
     if target.config.reranker is not None:
         resolve_model_source(target.config.reranker.model)

@@ -1,7 +1,9 @@
 """Command-line flags generated from a pydantic config class, so every config field is a flag with its help.
 
 `add_config_flags(parser, EmbedderConfig)` adds `--recipe`, `--pooling`, ... (booleans that default to True get
-`--no-NAME`); `config_from_flags(args, EmbedderConfig)` builds the validated object from what was given.
+`--no-NAME`); `config_from_flags(args, EmbedderConfig)` builds the validated object from what was given;
+`with_flags(config, args, {"embedder": EmbedderConfig, ...})` is the one "flags override the file" rule that
+`vlm-embed backfill` and `vlm-embed serve` share.
 """
 
 from __future__ import annotations
@@ -59,10 +61,24 @@ def add_config_flags(
         group.add_argument(_flag(name), help=f"{help_text} (default: {default})", **kwargs)
 
 
-def config_from_flags(args: argparse.Namespace, config_cls: type[BaseModel], **overrides: Any):
-    """Only the flags the user gave are passed on; the config's own defaults fill in the rest."""
-    given = {
+def given_flags(args: argparse.Namespace, config_cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields of `config_cls` whose flags were given on the command line (flags default to None)."""
+    return {
         name: getattr(args, name) for name in config_cls.model_fields if getattr(args, name, None) is not None
     }
+
+
+def config_from_flags(args: argparse.Namespace, config_cls: type[BaseModel], **overrides: Any):
+    """Only the flags the user gave are passed on; the config's own defaults fill in the rest."""
+    given = given_flags(args, config_cls)
     given.update({k: v for k, v in overrides.items() if v is not None})
     return config_cls(**given)
+
+
+def with_flags(config: BaseModel, args: argparse.Namespace, sections: dict[str, type[BaseModel]]) -> Any:
+    """`config` (a file's, validated) with the flags given for each of its `sections` on top, validated again
+    as a whole: a flag wins over the file, the file over the defaults."""
+    data = config.model_dump()
+    for name, section in sections.items():
+        data[name] = {**data[name], **given_flags(args, section)}
+    return type(config).model_validate(data)

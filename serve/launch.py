@@ -9,6 +9,7 @@ file's `deployments:` entries would be a second owner, so they are refused with 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from dataclasses import dataclass, field, replace
@@ -71,18 +72,17 @@ def _from_serve_file(path: Path, data: dict[str, Any]) -> Target:
     return Target(config_from_args(app.get("args")), dict(data.get("http_options") or {}))
 
 
-def apply_flags(target: Target, embedder: dict[str, Any], serve: dict[str, Any]) -> Target:
-    """Flags given on the command line (`EmbedderConfig` and `ServeConfig` fields) over the file's values."""
-    config = target.config
-    config = config.model_copy(
-        update={
-            "embedder": type(config.embedder).model_validate({**config.embedder.model_dump(), **embedder}),
-            "serve": type(config.serve).model_validate(
-                {**config.serve.model_dump(), **_http_defaults(target.http_options, serve), **serve}
-            ),
-        }
+def apply_flags(target: Target, args: argparse.Namespace) -> Target:
+    """Flags given on the command line (`EmbedderConfig` and `ServeConfig` fields) over the file's values; a
+    Serve file's `http_options` host and port count as the file's."""
+    from pipelines.config import EmbedderConfig, ServeConfig
+    from pipelines.config_flags import with_flags
+
+    listen = {k: target.http_options[k] for k in ("host", "port") if k in target.http_options}
+    config = target.config.model_copy(update={"serve": target.config.serve.model_copy(update=listen)})
+    return replace(
+        target, config=with_flags(config, args, {"embedder": EmbedderConfig, "serve": ServeConfig})
     )
-    return replace(target, config=config)
 
 
 def with_reranker(target: Target, model: str | None) -> Target:
@@ -94,10 +94,6 @@ def with_reranker(target: Target, model: str | None) -> Target:
     current = target.config.reranker.model_dump() if target.config.reranker is not None else {}
     reranker = RerankerConfig.model_validate({**current, "model": model})
     return replace(target, config=target.config.model_copy(update={"reranker": reranker}))
-
-
-def _http_defaults(http_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    return {key: http_options[key] for key in ("host", "port") if key in http_options and key not in given}
 
 
 def serve_forever(target: Target, address: str | None) -> int:

@@ -3,6 +3,7 @@ deployments' options, and flags override it."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ from serve.app import build_app, config_from_args, deployment_options, ingress_o
 from serve.launch import BUILDER, LaunchError, apply_flags, load_target
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
+
+
+def flags(**given) -> argparse.Namespace:
+    """What `vlm-embed serve`'s parser gives for these flags (every other flag None)."""
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    for name, value in given.items():
+        assert hasattr(args, name), name
+        setattr(args, name, value)
+    return args
 
 
 def test_the_shipped_file_is_a_valid_serve_config_for_our_app():
@@ -99,7 +111,7 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
 
     served = load_target(SERVE_CONFIG)
     assert deployment_options(served.config.serve)["ray_actor_options"]["num_gpus"] == 0
-    overridden = apply_flags(served, {"model": "/models/x"}, {"num_gpus": 1, "port": 8123, "max_replicas": 5})
+    overridden = apply_flags(served, flags(model="/models/x", num_gpus=1, port=8123, max_replicas=5))
     assert overridden.config.embedder.model == "/models/x" and overridden.config.serve.port == 8123
     model = deployment_options(overridden.config.serve)
     assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
@@ -110,11 +122,11 @@ def test_a_job_config_and_the_serve_file_both_load_and_flags_win(tmp_path):
     # five model replicas of 64 requests each: the ingress takes 320 at once
     assert ingress_options(overridden.config.serve) == {**ingress, "max_ongoing_requests": 5 * 64}
     more_ingress = ingress_options(
-        apply_flags(served, {}, {"ingress_replicas": 4, "retry_after_s": 7}).config.serve
+        apply_flags(served, flags(ingress_replicas=4, retry_after_s=7)).config.serve
     )
     assert more_ingress["num_replicas"] == 4
     assert more_ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
-    untouched = apply_flags(served, {}, {})
+    untouched = apply_flags(served, flags())
     assert untouched.config == served.config and untouched.config.serve.port == 8000
 
 
