@@ -1,7 +1,9 @@
 """Pooling: pure functions from token states and the attention mask to one vector per sequence.
 
-They know nothing about the backbone. `hidden` is `[batch, seq, dim]`, `mask` is `[batch, seq]` with 1 for real
-tokens and 0 for padding, on either side. Padding positions may hold anything (even NaN): they are never read.
+They know nothing about the backbone. `pool`: `hidden` is `[batch, seq, dim]`, `mask` is `[batch, seq]` with 1
+for real tokens and 0 for padding, on either side. Padding positions may hold anything (even NaN): they are never
+read. `pool_packed`: `hidden` is `[tokens, dim]`, sequences laid end to end with their offsets in `cu_seqlens`
+(`[S+1]`, as varlen attention takes them); the same modes, the same vectors as `pool` of the padded batch.
 `matryoshka` (truncate, then re-normalise) takes torch tensors and numpy arrays alike, so the embedder's
 `finish` and Serve's per-request `dimensions` are the same code; torch is imported only where it is needed.
 """
@@ -52,6 +54,34 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         return _gather(hidden, first_token_index(mask))
     if mode == "last":
         return _gather(hidden, last_token_index(mask))
+    raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
+
+
+def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
+    """One float32 vector per packed sequence of `hidden` `[T, D]`; `cu_seqlens` `[S+1]` are the offsets."""
+    import torch
+
+    if hidden.ndim != 2 or cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"expected hidden [T, D] and cu_seqlens [S+1], got {tuple(hidden.shape)} and {tuple(cu_seqlens.shape)}"
+        )
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    if mode == "cls":
+        return hidden[starts].float()
+    if mode == "last":
+        return hidden[ends - 1].float()
+    count, dim = starts.shape[0], hidden.shape[-1]
+    # which sequence each token is in; output_size given: no device sync for the result's size
+    doc = torch.repeat_interleave(
+        torch.arange(count, device=hidden.device), ends - starts, output_size=hidden.shape[0]
+    )
+    values = hidden.float()
+    if mode == "mean":
+        summed = torch.zeros(count, dim, dtype=torch.float32, device=hidden.device).index_add_(0, doc, values)
+        return summed / (ends - starts).unsqueeze(1).to(torch.float32)
+    if mode == "max":
+        out = torch.full((count, dim), float("-inf"), dtype=torch.float32, device=hidden.device)
+        return out.scatter_reduce_(0, doc.unsqueeze(1).expand(-1, dim), values, "amax")
     raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
 
 
