@@ -20,7 +20,8 @@ FORMAT_VERSION = 1
 BASE_COLUMNS = ("id", "modality", "text", "image_uri", "vector")
 ERRORS_COLUMNS = ("id", "source", "stage", "reason")
 # Options that change how vectors are computed are in `EmbedderConfig.signature()`; these only change where
-# and how fast, so a query may use its own.
+# and how fast (padding: vectors are padding-invariant), or which inputs are accepted (the image-size bound),
+# so a query may use its own. Every EmbedderConfig field is in one of the two (tests/pipelines/test_config.py).
 RUNTIME_OPTIONS = (
     "device",
     "dtype",
@@ -31,6 +32,8 @@ RUNTIME_OPTIONS = (
     "attention_layout",
     "varlen_attention",
     "compile",
+    "padding_side",
+    "max_image_pixels",
 )
 
 
