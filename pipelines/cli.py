@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(commands)
     _add_backfill(commands)
     _add_search(commands)
+    _add_reduce(commands)
     _add_rerank(commands)
     _add_eval(commands)
     _add_answer(commands)
@@ -308,6 +309,23 @@ def _run_search(args) -> int:
     from pipelines.search import run_search_command
 
     return run_search_command(args)
+
+
+def _add_reduce(commands) -> None:
+    from pipelines.reduce import DESCRIPTION as REDUCE
+    from pipelines.reduce import add_reduce_arguments
+
+    p = _subparser(
+        commands, "reduce", "write a table with smaller vectors (PCA, Matryoshka, float16, int8)", REDUCE
+    )
+    add_reduce_arguments(p)
+    p.set_defaults(handler=_run_reduce)
+
+
+def _run_reduce(args) -> int:
+    from pipelines.reduce import run_reduce_command
+
+    return run_reduce_command(args)
 
 
 def _add_eval(commands) -> None:
