@@ -4,14 +4,23 @@
 says where each sequence starts. Every backend computes the same function: each token attends only to tokens of
 its own sequence (and, when causal, only to those at or before it).
 
-- `flash`: PyTorch's own FlashAttention-2 varlen kernel (`aten._flash_attention_forward` with cumulative
-  lengths; the kernel behind `torch.nn.attention.varlen`), CUDA with bf16/fp16 only. One launch per layer.
+- `flash`: a FlashAttention-2 varlen kernel, CUDA with bf16/fp16 only, one launch per layer: PyTorch's public
+  `torch.nn.attention.varlen.varlen_attn` where this torch has it (2.13: `window_size`, `enable_gqa`), else the
+  kernel behind it (`aten._flash_attention_forward` with cumulative lengths), with the key/value heads repeated
+  by hand on builds whose kernel refuses grouped heads. Whichever variant checks out first is used.
 - `flex`: FlexAttention with a document mask (a compiled kernel on CUDA; an unfused reference on CPU).
 - `sdpa`: one `scaled_dot_product_attention` call per sequence; runs anywhere, in any dtype, and is the exact
-  float32 reference on CPU.
+  float32 reference on CPU (there is no public varlen kernel for the CPU).
 
 `resolve_backend("auto", ...)` picks the fastest one that works on the device, after checking it once
 against `sdpa` on random data (so a kernel that is missing or wrong on some torch build is never used).
+
+`attention_forward` is the same attention as a transformers `AttentionInterface` function
+(`register_attention()` registers it as `ATTENTION_NAME`): the model's own decoder layers and vision blocks call
+it with the `cu_seq_lens_q/k`, `max_length_q/k` keywords of transformers' flash path, plus `segments` and
+`varlen_backend` passed down by the packed engine. The name contains "flash" because transformers sends an
+implementation the packed (`cu_seq_lens`) calling convention by that substring (`is_flash_attention_requested`:
+the vision blocks then make one call for all images instead of one per image); the kernel is the backend's.
 """
 
 from __future__ import annotations
@@ -51,6 +60,13 @@ class Segments:
         return cls(
             cu_seqlens=cu.to(device, non_blocking=True), lengths=list(lengths), max_seqlen=max(lengths)
         )
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> Segments:
+        """From offsets alone (reads them on the host: a device sync when they are on a GPU)."""
+        offsets = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+        return cls(cu_seqlens=cu_seqlens, lengths=lengths, max_seqlen=max_seqlen or max(lengths))
 
     @property
     def total(self) -> int:
@@ -107,19 +123,65 @@ def attention(
     raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-# Set by the check below when this torch build's flash kernel refuses fewer key/value heads than query heads
-_FLASH_REPEATS_KV = {"needed": False}
-
-
 @torch.compiler.disable
 def _flash(q, k, v, segments: Segments, causal: bool, scale: float) -> torch.Tensor:
-    if _FLASH_REPEATS_KV["needed"] and k.shape[1] != q.shape[1]:
+    return _run_flash(_flash_variant(q.device.type, q.dtype), q, k, v, segments, causal, scale)
+
+
+FLASH_VARIANTS = ("public", "aten", "aten-repeat-kv")
+
+
+def _run_flash(variant: str, q, k, v, segments: Segments, causal: bool, scale: float) -> torch.Tensor:
+    cu, n = segments.cu_seqlens, segments.max_seqlen
+    gqa = k.shape[1] != q.shape[1]
+    if variant == "public":
+        window = (-1, 0) if causal else (-1, -1)
+        return _public_varlen()(q, k, v, cu, cu, n, n, scale=scale, window_size=window, enable_gqa=gqa)
+    if variant == "aten-repeat-kv" and gqa:
         repeat = q.shape[1] // k.shape[1]  # query head h reads key/value head h // repeat, as repeat_kv does
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cu, n = segments.cu_seqlens, segments.max_seqlen
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, causal, False, scale=scale)
     return out[0]
+
+
+@cache
+def _public_varlen():
+    """`torch.nn.attention.varlen.varlen_attn` if this torch has it with the arguments used here, else None."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= parameters.keys() else None
+
+
+@cache
+def _flash_variants(device_type: str, dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """(the first flash variant that matches sdpa here, None) or (None, why none does); once per process."""
+    problem = "no flash kernel in this torch build"
+    for variant in FLASH_VARIANTS:
+        if variant == "public" and _public_varlen() is None:
+            continue
+        if variant != "public" and not hasattr(torch.ops.aten, "_flash_attention_forward"):
+            continue
+
+        def run(q, k, v, segments, causal, scale, variant=variant):
+            return _run_flash(variant, q, k, v, segments, causal, scale)
+
+        problem = _check_against_sdpa(run, device_type, dtype)
+        if problem is None:
+            return variant, None
+    return None, problem
+
+
+def _flash_variant(device_type: str, dtype: torch.dtype) -> str:
+    variant, problem = _flash_variants(device_type, dtype)
+    if variant is None:
+        raise RuntimeError(f"the flash kernel cannot run on {device_type} in {dtype}: {problem}")
+    return variant
 
 
 @torch.compiler.disable
@@ -210,18 +272,16 @@ def backend_problem(backend: Backend, device_type: str, dtype: torch.dtype) -> s
             return "the flash kernel needs CUDA"
         if dtype not in (torch.bfloat16, torch.float16):
             return "the flash kernel takes bf16 or fp16 only"
-        if not hasattr(torch.ops.aten, "_flash_attention_forward"):
-            return "this torch build has no aten._flash_attention_forward"
-        problem = _check_against_sdpa(backend, device_type, dtype)
-        if problem is not None and not _FLASH_REPEATS_KV["needed"]:
-            _FLASH_REPEATS_KV["needed"] = True  # try again with the key/value heads repeated by hand
-            problem = _check_against_sdpa(backend, device_type, dtype)
-            _FLASH_REPEATS_KV["needed"] = problem is None
-        return problem
-    return _check_against_sdpa(backend, device_type, dtype)
+        return _flash_variants(device_type, dtype)[1]
+
+    def run(q, k, v, segments, causal, scale):
+        return attention(q, k, v, segments, causal=causal, scale=scale, backend=backend)
+
+    return _check_against_sdpa(run, device_type, dtype)
 
 
-def _check_against_sdpa(backend: Backend, device_type: str, dtype: torch.dtype) -> str | None:
+def _check_against_sdpa(run, device_type: str, dtype: torch.dtype) -> str | None:
+    """None if `run(q, k, v, segments, causal, scale)` matches `sdpa` on random packed data, else how not."""
     device = torch.device(device_type)
     generator = torch.Generator().manual_seed(0)
     segments = Segments.from_lengths([5, 64, 1, 130], device)
@@ -235,7 +295,7 @@ def _check_against_sdpa(backend: Backend, device_type: str, dtype: torch.dtype) 
         )
         for causal in (True, False):
             try:
-                got = attention(q, k, v, segments, causal=causal, scale=dim**-0.5, backend=backend)
+                got = run(q, k, v, segments, causal, dim**-0.5)
             except Exception as exc:  # a missing kernel or unsupported shape: report it, use another backend
                 return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             want = _sdpa(q.float(), k.float(), v.float(), segments, causal, dim**-0.5)
@@ -243,3 +303,75 @@ def _check_against_sdpa(backend: Backend, device_type: str, dtype: torch.dtype) 
             if not error <= tolerance:  # NaN fails too
                 return f"differs from sdpa by {error:.3g} (heads {heads}/{kv_heads}, causal={causal})"
     return None
+
+
+# -- the same attention through transformers' AttentionInterface ------------------------------------------
+
+ATTENTION_NAME = "vlm_embed_flash_varlen"
+
+
+def attention_forward(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    is_causal: bool | None = None,
+    segments: Segments | None = None,
+    varlen_backend: Backend = "sdpa",
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    """An `AttentionInterface` function: `query` `[1, H, T, d]`, `key`/`value` `[1, Hkv, T, d]` of packed
+    sequences (`cu_seq_lens_q`) -> `([1, T, H, d], None)`, the layout transformers' attention functions return.
+
+    Self-attention only (the keys' offsets are the queries'); no mask, no dropout (inference). Causal unless
+    the caller says `is_causal=False` or the module is not causal (the vision blocks)."""
+    if attention_mask is not None or query.shape[0] != 1:
+        raise ValueError("varlen attention takes one packed row and no mask (pass cu_seq_lens_q)")
+    if segments is None:
+        if cu_seq_lens_q is None:
+            raise ValueError("varlen attention needs cu_seq_lens_q (or segments)")
+        segments = Segments.from_cu_seqlens(cu_seq_lens_q, max_length_q)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    out = attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        segments,
+        causal=causal,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        backend=varlen_backend,
+    )
+    return out.unsqueeze(0), None
+
+
+@cache
+def register_attention() -> str:
+    """Register `attention_forward` with transformers' `AttentionInterface` (once); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    return ATTENTION_NAME
+
+
+def with_varlen_attention(module: torch.nn.Module, attention: str) -> torch.nn.Module:
+    """A view of `module` (a decoder layer or vision block) whose attention submodule `attention` calls
+    `attention_forward`: shallow copies sharing every parameter and every other submodule, the attention's
+    config a copy naming `ATTENTION_NAME`. The model itself is left as it is (its own forward, and any other
+    engine on it, keep the model's attention implementation)."""
+    import copy
+
+    name = register_attention()
+    inner = getattr(module, attention)
+    inner_view = copy.copy(inner)
+    config = copy.copy(inner.config)
+    config._attn_implementation = name
+    inner_view.__dict__["config"] = config
+    view = copy.copy(module)
+    view.__dict__["_modules"] = {**module._modules, attention: inner_view}
+    return view

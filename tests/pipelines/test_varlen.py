@@ -88,3 +88,23 @@ def test_the_flash_kernel_matches_sdpa_on_a_gpu(cuda, dtype):
     got = attention(q, k, v, segments, causal=True, scale=128**-0.5, backend="flash")
     want = _one_by_one(q.float(), k.float(), v.float(), True)
     assert float((got.float() - want).norm() / want.norm()) < 2e-2
+
+
+def test_the_attention_interface_function_is_the_same_attention_in_transformers_layout():
+    from pipelines.varlen import attention_forward
+
+    q, k, v = _qkv()
+    segments = Segments.from_lengths(LENGTHS, "cpu")
+    want = attention(q, k, v, segments, causal=True, scale=0.25, backend="sdpa")
+    as_transformers = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # [1, heads, tokens, dim]
+    got, weights = attention_forward(
+        None, *as_transformers, None, scaling=0.25, cu_seq_lens_q=segments.cu_seqlens, max_length_q=40
+    )
+    assert weights is None and got.shape == (1, sum(LENGTHS), 4, 16)
+    torch.testing.assert_close(got[0], want)
+    not_causal, _ = attention_forward(
+        None, *as_transformers, None, scaling=0.25, is_causal=False, segments=segments
+    )
+    torch.testing.assert_close(
+        not_causal[0], attention(q, k, v, segments, causal=False, scale=0.25, backend="sdpa")
+    )
