@@ -1,5 +1,11 @@
 """The backfill job: sources -> Ray Data (prepare on CPUs, embed on GPUs) -> LanceDB, resumable, exactly once.
 
+The inputs are split into work units (`pipelines.work_units`); units already recorded in the progress table
+(`pipelines.progress`) are skipped unread, the rest run in groups of about `commit_rows` rows: each group is
+one Ray Data job whose write tasks write Lance fragments (`pipelines.lance_write`), then one commit of their
+metadata. The driver holds O(units) state and no vectors. After the run, `pipelines.table_upkeep` compacts
+and indexes the table.
+
     python -m pipelines.backfill --config job.yaml            # or: vlm-embed backfill --config job.yaml
     ray job submit --working-dir . -- python -m pipelines.backfill --config job.yaml
 
@@ -32,7 +38,8 @@ SKIPPED_FLAGS = ("storage_options",)
 
 @dataclass(frozen=True)
 class BackfillSummary:
-    """What a run did. `read == embedded + skipped + errored` (skipped: already done, or a repeated id)."""
+    """What a run did. `read == embedded + skipped + errored` (skipped: already done, or a repeated id).
+    `read` includes the rows of the units skipped unread (their count is in the progress table)."""
 
     read: int
     embedded: int
@@ -45,6 +52,10 @@ class BackfillSummary:
     vectors_in_table: int
     errors_in_table: int
     indexes: tuple[str, ...] = ()
+    units: int = 0
+    units_skipped: int = 0
+    commits: int = 0
+    upkeep: str = ""
 
     @property
     def adds_up(self) -> bool:
@@ -55,7 +66,8 @@ class BackfillSummary:
             f"backfill: read {self.read} = embedded {self.embedded} + skipped {self.skipped} "
             f"({self.already_done} already done, {self.duplicates} repeated ids) + errored {self.errored} "
             f"in {self.seconds:.1f} s; {self.table}: {self.vectors_in_table} vectors, "
-            f"{self.errors_in_table} errors"
+            f"{self.errors_in_table} errors; {self.units} work units ({self.units_skipped} committed before, "
+            f"not read), {self.commits} commits; upkeep: {self.upkeep or 'none'}"
         )
 
     def to_dict(self) -> dict:
@@ -122,12 +134,13 @@ def run_backfill(
 ) -> BackfillSummary:
     """Embed every source row into the vectors table or record it in the errors table, exactly once.
 
-    `on_batch(rows)`, if given, is called after each output batch reaches the sink (benchmarks time the steady
-    state with it). `quiet`: if this call starts Ray, Ray's own output goes to its log files."""
-    from pipelines.readers import read_source
-    from pipelines.sink import BackfillSink
+    `on_batch(rows)`, if given, is called after each commit with the rows it accounted for (benchmarks time
+    the steady state with it). `quiet`: if this call starts Ray, Ray's own output goes to its log files."""
+    from pipelines import lance_write, progress
     from pipelines.source_check import check_sources
-    from pipelines.stages import build_pipeline, done_set
+    from pipelines.stages import build_pipeline
+    from pipelines.table_upkeep import upkeep
+    from pipelines.work_units import plan_units, units_dataset, waves
 
     start = time.perf_counter()
     if not config.sources:
@@ -136,41 +149,124 @@ def run_backfill(
     check_sources(config.sources)  # before Ray starts and before a table is touched: fail in a second
     dimension = embedding_dimension(config.embedder)
     kept = kept_columns(config)
+    units = plan_units(config.sources, config.table.unit_bytes, config.table.unit_files)
     connect_ray(config.resources, quiet)  # before LanceDB starts its threads: Ray forks its processes
-    sink = BackfillSink(config.table, config.embedder, dimension, kept)
-    done = sink.open()
-    datasets = [read_source(source) for source in config.sources]
-    if done:
-        log.info("resuming: %d ids are already in the tables and will be skipped", len(done))
-    num_gpus = resolve_num_gpus(config.resources.num_gpus_per_actor)
-    pipeline = build_pipeline(datasets, config, done_set(sorted(done)), num_gpus, dimension)
-    try:
-        for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
-            sink.write(batch)
+    tables = open_tables(config.table, config.embedder, dimension, kept)
+    recorded = {} if config.table.retry_errors else progress.committed_units(tables[2])
+    todo = [(n, u) for n, u in enumerate(units) if u.key not in recorded]
+    before = sum(recorded[u.key] for u in units if u.key in recorded)
+    totals = {"read": before, "embedded": 0, "errored": 0, "already_done": before, "duplicates": 0}
+    if len(todo) < len(units):
+        log.info(
+            "resuming: %d of %d work units (%d rows) are committed and will not be read",
+            len(units) - len(todo),
+            len(units),
+            before,
+        )
+    commits = 0
+    if todo:
+        num_gpus = resolve_num_gpus(config.resources.num_gpus_per_actor)
+        claims = lance_write.start_claims(CLAIM_PARTITIONS)
+        start_versions = (tables[0].version, tables[1].version)
+        for group in waves(todo, config.table.commit_rows):
+            target = _target(config.table, tables, kept, claims, start_versions)
+            pipeline = build_pipeline(
+                units_dataset(group, config.sources), config, target, num_gpus, dimension
+            )
+            sink = lance_write.datasink(target, tables[0].to_lance().schema)
+            pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+            done = lance_write.commit_wave(target, tables, sink.returns, {str(n): u.key for n, u in group})
+            lance_write.reset_claims(claims)
+            for key, value in done.counts.items():
+                totals[key] += value
+            commits += done.commits
+            if done.counts["errored"]:
+                log.info(
+                    "committed %d error rows (%d in this run)", done.counts["errored"], totals["errored"]
+                )
+            if done.counts["embedded"]:
+                log.info("committed %d vectors (%d in this run)", done.counts["embedded"], totals["embedded"])
             if on_batch is not None:
-                on_batch(batch.num_rows)
-    except BaseException:
-        _commit_what_is_done(sink)
-        raise
-    counts = sink.close()
-    if counts.read and not counts.embedded + counts.errored:
-        log.info("nothing left to do: all %d rows were already in the tables", counts.read)
+                on_batch(done.counts["read"])
+    if totals["read"] and not totals["embedded"] + totals["errored"]:
+        log.info("nothing left to do: all %d rows were already in the tables", totals["read"])
+    kept_up = upkeep(tables[0], tables[1], config.table, changed=bool(totals["embedded"] + totals["errored"]))
     summary = BackfillSummary(
-        read=counts.read,
-        embedded=counts.embedded,
-        skipped=counts.skipped,
-        errored=counts.errored,
-        already_done=counts.already_done,
-        duplicates=counts.duplicates,
+        read=totals["read"],
+        embedded=totals["embedded"],
+        skipped=totals["already_done"] + totals["duplicates"],
+        errored=totals["errored"],
+        already_done=totals["already_done"],
+        duplicates=totals["duplicates"],
         seconds=time.perf_counter() - start,
         table=f"{config.table.uri}/{config.table.name}",
-        vectors_in_table=sink.vectors.count_rows(),
-        errors_in_table=sink.errors.count_rows(),
-        indexes=tuple(sink.indexes),
+        vectors_in_table=tables[0].count_rows(),
+        errors_in_table=tables[1].count_rows(),
+        indexes=tuple(kept_up.indexes),
+        units=len(units),
+        units_skipped=len(units) - len(todo),
+        commits=commits,
+        upkeep=kept_up.phrase(),
     )
-    if not summary.adds_up:  # the sink counts every row it receives; this can only be a bug
+    if not summary.adds_up:  # the writers count every row they receive; this can only be a bug
         raise RuntimeError(f"the counts do not add up: {summary.line()}")
     return summary
+
+
+CLAIM_PARTITIONS = 2  # IdClaims actors per run, each holding the ids of one group hashed to it
+WRITE_CPUS = 0.5  # a write task mostly waits on storage
+
+
+def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, kept: dict[str, str]):
+    """The vectors, errors and progress tables, checked against this job (or dropped first, with
+    mode=overwrite) and made empty where missing."""
+    import pyarrow as pa
+
+    from pipelines.progress import open_progress, progress_name
+    from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
+
+    db = connect(table)
+    if table.mode == "overwrite":
+        for name in (table.name, table.errors_name, progress_name(table)):
+            db.drop_table(name, ignore_missing=True)
+    vectors = _open(db, table.name)
+    if vectors is None:
+        fields = [pa.field(name, pa.type_for_alias(kind)) for name, kind in kept.items()]
+        vectors = db.create_table(table.name, schema=vectors_schema(embedder, dimension, fields))
+    else:
+        check_matches(vectors, embedder, dimension)
+        missing = [c for c in kept if c not in vectors.schema.names]
+        if missing:
+            raise TableConfigMismatch(
+                f"table {table.name!r} has no column(s) {missing} to keep; "
+                "use mode: overwrite to rebuild it with them"
+            )
+    errors = _open(db, table.errors_name) or db.create_table(table.errors_name, schema=errors_schema())
+    return vectors, errors, open_progress(db, table)
+
+
+def _open(db, name: str):
+    try:
+        return db.open_table(name)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _target(table: TableConfig, tables, kept: dict[str, str], claims: tuple, start: tuple):
+    from pipelines.lance_write import Target, dataset_uri
+
+    vectors, errors, _ = tables
+    return Target(
+        vectors_uri=dataset_uri(table.uri, table.name),
+        errors_uri=dataset_uri(table.uri, table.errors_name),
+        storage_options=tuple(sorted(table.storage_options.items())),
+        vectors_version=vectors.version,
+        errors_version=errors.version,
+        retry_errors=table.retry_errors,
+        start_versions=start,
+        kept_types=tuple(kept.items()),
+        claims=claims,
+    )
 
 
 def kept_columns(config: Config) -> dict[str, str]:
@@ -184,22 +280,15 @@ def kept_columns(config: Config) -> dict[str, str]:
     return kept
 
 
-def _commit_what_is_done(sink) -> None:
-    """A failing pipeline still commits the finished rows it handed over, so a rerun has less to do."""
-    try:
-        sink.flush_vectors()
-        sink.flush_errors()
-    except Exception as exc:
-        log.warning("could not commit the buffered rows: %s", exc)
-
-
 # -- command line --------------------------------------------------------------------------------------------
 
 
 DESCRIPTION = """\
 Backfill: embed sources (JSONL/CSV/Parquet tables of texts, image paths or bytes, pairs; image folders) into a
-LanceDB vectors table, with an errors table beside it. Rows already in either table are skipped, so rerunning
-the same job resumes it. Without --config, the bundled sample corpus is embedded with the tiny model into
+LanceDB vectors table, with an errors table beside it. Inputs are split into work units (JSONL byte ranges,
+Parquet row groups, CSV files, chunks of images); the workers write, the driver commits a group of units at a
+time, and rerunning the same job resumes it: committed units are skipped unread, rows already in either table
+are skipped. Without --config, the bundled sample corpus is embedded with the tiny model into
 ./data/lancedb. Flags override the config file.
 
 examples:
@@ -257,6 +346,7 @@ def run_backfill_command(args: argparse.Namespace) -> int:
     verbose = getattr(args, "verbose", False)
     if not verbose:  # before transformers is imported: its progress bars (a model's shards) read this once
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust warnings (a table made empty) on stderr
     try:
         summary = run_backfill(config_from_args(args), quiet=not verbose)
     except (FileNotFoundError, ModelLoadError, ValueError) as exc:

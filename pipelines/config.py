@@ -413,6 +413,13 @@ class SourceConfig(StrictModel):
     extensions: list[str] = Field(
         default_factory=lambda: list(IMAGE_EXTENSIONS), description="Image file extensions (images kind)."
     )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Object-store options for reading this source (and the image URIs its rows name), with "
+        "the keys LanceDB takes: aws_access_key_id, aws_secret_access_key, aws_endpoint, aws_region, "
+        "allow_http; default: the store's usual environment variables and files.",
+    )
+
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -460,12 +467,19 @@ class TableConfig(StrictModel):
         description="Embed again the rows recorded in the errors table (they are skipped otherwise).",
     )
     commit_rows: int = Field(
-        default=1024,
+        default=100_000,
         ge=1,
-        description="Most rows in one commit (each table version adds at most this many); fewer wait "
-        "uncommitted between batches, so a crash loses at most this many finished rows, plus the batches "
-        "still in the pipeline, which the rerun redoes.",
+        description="About how many rows one commit holds: consecutive work units are written by the workers "
+        "and committed together once they hold about this many rows (a bigger unit is committed alone). A "
+        "crash loses at most the units not yet committed, which the rerun reads again.",
     )
+    unit_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1,
+        description="Work unit size of a JSONL file: byte ranges of this many bytes (Parquet: one row group; "
+        "CSV and compressed files: one file). A rerun skips committed units without reading them.",
+    )
+    unit_files: int = Field(default=1024, ge=1, description="Images per work unit of an image folder.")
     vector_index_min_rows: int = Field(
         default=100_000, ge=1, description="Build a cosine vector index once the table has this many rows."
     )

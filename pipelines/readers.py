@@ -2,7 +2,8 @@
 
 Every source becomes the same row layout (`ROW_SCHEMA`): `id`, `source`, `text`, `image_uri` (a path or URI to
 read the image from), `image_bytes` (an image carried inline), `kept` (the columns to keep, as one JSON object),
-`status` (`todo`, or `error` for a row that could not even be read), `stage` and `reason`. A bad line (not JSON,
+`status` (`todo`, or `error` for a row that could not even be read), `stage`, `reason` and `origin` (the work
+unit and row number it came from, `pipelines.work_units`). A bad line (not JSON,
 not UTF-8, the wrong type in a column) becomes an error row instead of failing the file, so every input row is
 accounted for downstream.
 
@@ -25,7 +26,18 @@ from typing import Any
 
 from pipelines.config import SourceConfig
 
-ROW_COLUMNS = ("id", "source", "text", "image_uri", "image_bytes", "kept", "status", "stage", "reason")
+ROW_COLUMNS = (
+    "id",
+    "source",
+    "text",
+    "image_uri",
+    "image_bytes",
+    "kept",
+    "status",
+    "stage",
+    "reason",
+    "origin",
+)
 ROWS_PER_BLOCK = 256
 TABLE_EXTENSIONS = {"jsonl": ["jsonl", "json"], "csv": ["csv"], "parquet": ["parquet"]}
 
@@ -56,16 +68,41 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def read_image_uri(uri: str) -> bytes:
-    """Image bytes from an object-store URI (local paths are read by `load_image` itself); an
-    `ImageNotFoundError` naming the URI when it cannot be read."""
+def filesystem_for(path: str, storage_options: dict[str, str] | None = None):
+    """The pyarrow filesystem for a local path or a URI. For `s3://`, `storage_options` (the object-store keys
+    LanceDB takes: `aws_access_key_id`, `aws_secret_access_key`, `aws_endpoint`/`endpoint`, `aws_region`/
+    `region`, `allow_http`) configure it; without them pyarrow reads the usual AWS environment and files."""
     from pyarrow import fs
 
+    if not is_uri(path):
+        return fs.LocalFileSystem()
+    options = storage_options or {}
+    if path.startswith("s3://") and options:
+        endpoint = options.get("aws_endpoint") or options.get("endpoint") or options.get("aws_endpoint_url")
+        scheme = "https"
+        if endpoint and "://" in endpoint:
+            scheme, endpoint = endpoint.split("://", 1)
+        if str(options.get("allow_http", "")).lower() == "true" and not endpoint:
+            scheme = "http"
+        return fs.S3FileSystem(
+            access_key=options.get("aws_access_key_id"),
+            secret_key=options.get("aws_secret_access_key"),
+            session_token=options.get("aws_session_token"),
+            region=options.get("aws_region") or options.get("region"),
+            endpoint_override=endpoint,
+            scheme=scheme,
+        )
+    return fs.FileSystem.from_uri(path)[0]
+
+
+def read_image_uri(uri: str, storage_options: dict[str, str] | None = None) -> bytes:
+    """Image bytes from an object-store URI (local paths are read by `load_image` itself); an
+    `ImageNotFoundError` naming the URI when it cannot be read."""
     from pipelines.items import ImageNotFoundError
 
     try:
-        filesystem, path = fs.FileSystem.from_uri(uri)
-        with filesystem.open_input_stream(path) as handle:
+        filesystem = filesystem_for(uri, storage_options)
+        with filesystem.open_input_stream(uri.split("://", 1)[1]) as handle:
             return handle.readall()
     except (OSError, ValueError) as exc:
         raise ImageNotFoundError(f"cannot read image {uri}: {exc}") from exc
@@ -179,12 +216,15 @@ def build_row(source: SourceConfig, raw: dict[str, Any], base_dir: str, where: s
 # -- JSONL and CSV -----------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, Any]]:
+def _jsonl_rows(
+    source: SourceConfig, handle, path: str, label: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows of JSONL lines; `label` names where line 1 of `handle` is (default: the file itself)."""
     base_dir = os.path.dirname(path)
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{label or path}:{number}"
         text = line.rstrip("\r\n")  # so an unterminated string is reported as one, not as a control character
         raw = text.encode("utf-8", "surrogateescape")
         try:
@@ -254,44 +294,6 @@ def _csv_rows(source: SourceConfig, handle, path: str) -> Iterator[dict[str, Any
         yield build_row(source, raw_row, base_dir, where)
 
 
-def _datasource(source: SourceConfig, paths: list[str], **kwargs):
-    """A Ray Data file datasource that parses JSONL/CSV line by line, so one bad line fails only itself."""
-    import io
-
-    import pyarrow as pa
-    from ray.data.datasource import FileBasedDatasource
-
-    parse = _jsonl_rows if source.kind == "jsonl" else _csv_rows
-    schema = row_schema()
-
-    class TableFileDatasource(FileBasedDatasource):
-        def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-            handle = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-            rows: list[dict[str, Any]] = []
-            for row in parse(source, handle, path):
-                rows.append(row)
-                if len(rows) >= ROWS_PER_BLOCK:
-                    yield pa.Table.from_pylist(rows, schema=schema)
-                    rows = []
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=schema)
-
-    return TableFileDatasource(paths, **kwargs)
-
-
-# -- Parquet -----------------------------------------------------------------------------------------------
-
-
-def _parquet_batch(batch, source: SourceConfig):
-    import pyarrow as pa
-
-    rows = []
-    for number, raw in enumerate(batch.to_pylist()):
-        path = raw.pop("path", "") or ""
-        rows.append(build_row(source, raw, os.path.dirname(path), f"{path}: row {number}"))
-    return pa.Table.from_pylist(rows, schema=row_schema())
-
-
 # -- image folders -----------------------------------------------------------------------------------------
 
 
@@ -326,7 +328,8 @@ def list_images(source: SourceConfig) -> list[dict[str, Any]]:
 def _list_images_uri(source: SourceConfig) -> list[dict[str, Any]]:
     from pyarrow import fs
 
-    filesystem, root = fs.FileSystem.from_uri(source.path)
+    filesystem = filesystem_for(source.path, source.storage_options)
+    root = source.path.split("://", 1)[1].rstrip("/")
     scheme = source.path.split("://", 1)[0]
     infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
     rows = []
@@ -352,29 +355,3 @@ def expand_paths(source: SourceConfig) -> list[str]:
     if not os.path.exists(source.path):
         raise FileNotFoundError(f"source {source.label!r}: {source.path} does not exist")
     return [source.path]
-
-
-def read_source(source: SourceConfig):
-    """One source as a Ray Dataset of rows in the common layout."""
-    import pyarrow as pa
-    import ray
-
-    if source.kind == "images":
-        paths = expand_paths(source)
-        rows = [row for path in paths for row in list_images(source.model_copy(update={"path": path}))]
-        if not rows:
-            raise FileNotFoundError(
-                f"source {source.label!r}: no {source.extensions} files under {source.path}"
-            )
-        schema = row_schema()
-        chunks = [rows[i : i + ROWS_PER_BLOCK] for i in range(0, len(rows), ROWS_PER_BLOCK)]
-        return ray.data.from_arrow([pa.Table.from_pylist(chunk, schema=schema) for chunk in chunks])
-    paths = expand_paths(source)
-    directory = len(paths) == 1 and not is_uri(paths[0]) and os.path.isdir(paths[0])
-    extensions = TABLE_EXTENSIONS[source.kind] if directory else None
-    if source.kind == "parquet":
-        ds = ray.data.read_parquet(paths, include_paths=True, file_extensions=extensions)
-        return ds.map_batches(
-            _parquet_batch, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK, fn_kwargs={"source": source}
-        )
-    return ray.data.read_datasource(_datasource(source, paths, file_extensions=extensions))

@@ -1,23 +1,13 @@
-"""The sink of a backfill: one writer, on the driver, committing chunks of `commit_rows` through LanceDB's API.
+"""An in-process writer of pipeline output rows into the vectors and errors tables (Python callers and tests
+that write a few rows); the backfill itself writes in its Ray Data workers (`pipelines.lance_write`).
 
-Why one writer: Lance commits are optimistic, and many concurrent committers on one table conflict at scale;
-Ray 2.60's `write_lance` does not work with current pylance. Embedding, not writing, is the bottleneck, so one
-process appending `commit_rows` rows per commit keeps up, and it can keep the invariant that matters:
+It keeps the backfill's invariant for the rows it is given: each ends in the vectors table or the errors table,
+exactly once. At `open`, the ids in both tables are "done"; an id seen twice is written once (the repeats count
+as skipped); each commit holds at most `commit_rows` rows; errors are upserted by id, and with `retry_errors` a
+retried row that now succeeds leaves the errors table (an id left in both by a crash is repaired at `open`).
 
-    every input row ends in the vectors table or the errors table, exactly once, also after a crash and a rerun.
-
-- Resume: at start, the ids in both tables are "done" and are dropped before the CPU stage (`stages.mark_done`).
-- Within a run, an id seen twice (the same content twice, or a repeated id column value) is written once; the
-  repeats count as skipped.
-- Each commit is atomic and holds at most `commit_rows` rows; after each batch fewer than `commit_rows` rows
-  (vectors and errors together) wait uncommitted. A crash loses at most those, plus the batches still in
-  flight in the pipeline: their rows are in neither table and are simply done again by the rerun.
-- Errors are upserted by id. With `retry_errors`, a retried row that now succeeds is deleted from the errors
-  table right after its vector is committed; a crash between the two commits leaves the id in both tables,
-  which the next start repairs (the vectors table wins), before anything else.
-
-The driver holds the ids of both tables and of this run in memory (about 100 bytes an id), and the workers a
-16-byte digest per done id. One backfill writes to a table at a time.
+It holds the ids of both tables and of its rows in memory (about 100 bytes an id): fine for a few rows, not
+for a corpus. `kept_arrays` (kept column values typed for the table) is shared with the backfill's writer.
 """
 
 from __future__ import annotations
@@ -232,32 +222,8 @@ class BackfillSink:
         return vectors_schema(self.embedder, self.dimension, fields)
 
     def _kept_columns(self, rows) -> tuple[dict[str, Any], dict[int, str]]:
-        """The kept columns as Arrow arrays of the table's types, and the rows whose values do not fit them."""
-        if not self.keep_columns:
-            return {}, {}
-        parsed = [json.loads(k) if k else {} for k in rows["kept"].to_pylist()]
         schema = self.vectors.schema if self.vectors is not None else self._schema()
-        columns, bad = {}, {}
-        for name in self.keep_columns:
-            target = schema.field(name).type
-            values = [p.get(name) for p in parsed]
-            try:
-                columns[name] = _fit(values, target)
-                continue
-            except ValueError:
-                pass
-            fitted = []
-            for i, value in enumerate(values):
-                try:
-                    _fit([value], target)
-                    fitted.append(value)
-                except ValueError:
-                    bad.setdefault(
-                        i, f"kept_column: {name!r} value {value!r} does not fit the column's {target}"
-                    )
-                    fitted.append(None)
-            columns[name] = _fit(fitted, target)
-        return columns, bad
+        return kept_arrays(rows, schema, self.keep_columns)
 
     # -- end -----------------------------------------------------------------------------------------------
 
@@ -289,6 +255,33 @@ class BackfillSink:
             self.indexes = sorted(c for index in table.list_indices() for c in index.columns)
         except Exception as exc:
             log.warning("could not build the indexes of %s: %s", self.config.name, exc)
+
+
+def kept_arrays(rows, schema, keep_columns: list[str]) -> tuple[dict[str, Any], dict[int, str]]:
+    """The kept columns of `rows` (their `kept` JSON) as Arrow arrays of the table's types, and the rows (by
+    position) whose values do not fit them."""
+    if not keep_columns:
+        return {}, {}
+    parsed = [json.loads(k) if k else {} for k in rows["kept"].to_pylist()]
+    columns, bad = {}, {}
+    for name in keep_columns:
+        target = schema.field(name).type
+        values = [p.get(name) for p in parsed]
+        try:
+            columns[name] = _fit(values, target)
+            continue
+        except ValueError:
+            pass
+        fitted = []
+        for i, value in enumerate(values):
+            try:
+                _fit([value], target)
+                fitted.append(value)
+            except ValueError:
+                bad.setdefault(i, f"kept_column: {name!r} value {value!r} does not fit the column's {target}")
+                fitted.append(None)
+        columns[name] = _fit(fitted, target)
+    return columns, bad
 
 
 def _fit(values: list[Any], target):

@@ -10,7 +10,8 @@ source, the file, the missing column and the columns the file has:
 - Columns (`id_column`, `text_column`, `image_column`, `keep_columns`) are looked up in the first file of the
   source (sorted): a CSV's header, a Parquet file's schema, the keys of a JSONL file's first `HEAD_ROWS`
   lines. Without `text_column` and `image_column`, the file must have a `text` or an `image` column.
-- Object-store URIs (`s3://...`) are asked once, through pyarrow.fs, whether they exist, and a single file's
+- Object-store URIs (`s3://...`) are asked once, through pyarrow.fs (with the source's `storage_options`),
+  whether they exist, and a single file's
   columns are checked the same way. Anything this check cannot decide (a scheme pyarrow does not know, no
   credentials on the driver, a network error) is left to Ray Data: a valid source is never refused.
 """
@@ -177,8 +178,11 @@ def _check_uri(source: SourceConfig) -> None:
     """Existence (one call), and a single file's columns; whatever cannot be decided here is Ray Data's."""
     from pyarrow import fs
 
+    from pipelines.readers import filesystem_for
+
     try:
-        filesystem, path = fs.FileSystem.from_uri(source.path)
+        filesystem = filesystem_for(source.path, source.storage_options)
+        path = source.path.split("://", 1)[1].rstrip("/")
         info = filesystem.get_file_info(path)
     except Exception as exc:  # an unknown scheme, no credentials here, the network: leave it to Ray Data
         log.debug("cannot check source %s here: %s", source.path, exc)

@@ -1,7 +1,8 @@
 """The Ray Data stages of a backfill, between the readers and the sink.
 
-1. `mark_done` (CPU, fused into the read tasks): rows whose id is already in the vectors or errors table become
-   `done`, so a resumed job never prepares or embeds them again.
+1. `mark_done` (CPU, fused into the read tasks): each row claims its id for this group of work units (a repeat
+   becomes `repeat`) and is looked up by id in the vectors and errors tables as committed (found: `done`), so
+   nothing is prepared, embedded or written twice (`pipelines.lance_write`).
 2. `prepare_batch` (CPU, Ray Data tasks): `Preparer.prepare` on every `todo` row: image read and decode, EXIF
    orientation, RGB, resize, prompt template, tokenization, positions. Only the tokenizer and the image
    processor are loaded here, never the weights, and only for a batch with such rows. A bad row becomes an
@@ -11,14 +12,14 @@
    A failing forward pass is bisected down to the failing items, which become `error` rows (stage `embed`),
    so one bad item never loses the rest of its batch.
 
-Every stage returns exactly one row per input row (checked), with the status `todo`/`done`/`error`/`ok`, so
-the sink can account for every input row. Blocks are Arrow tables with fixed schemas end to end.
+Every stage returns exactly one row per input row (checked), with the status `todo`/`done`/`repeat`/`error`/
+`ok`, so the writer (`lance_write.BackfillDatasink`) can account for every input row. Blocks are Arrow tables
+with fixed schemas end to end.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from pipelines.config import Config, EmbedderConfig
 from pipelines.metrics import PipelineMetrics
 from pipelines.readers import is_uri, read_image_uri
 
-PASS_COLUMNS = ("id", "source", "text", "image_uri", "kept", "status", "stage", "reason")
+PASS_COLUMNS = ("id", "source", "text", "image_uri", "kept", "status", "stage", "reason", "origin")
 ARRAY_COLUMNS = {
     "input_ids": "int64",
     "position_ids": "int64",
@@ -67,28 +68,34 @@ def _check_count(batch, out) -> Any:
 # -- 1. resume: mark rows already done ---------------------------------------------------------------------
 
 
-def id_digests(ids: list[str]) -> np.ndarray:
-    """128-bit digests of ids: a compact, exact-in-practice set to ship to every worker."""
-    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
-
-
-def done_set(ids: list[str]) -> np.ndarray:
-    return np.unique(id_digests(ids))
-
-
-def mark_done(batch, done: np.ndarray):
-    """Rows whose id is in `done` (sorted digests) get status `done` and drop their inline image bytes."""
+def mark_done(batch, target):
+    """Rows whose id another row of this group claimed first become `repeat`, rows whose id the tables hold
+    (`target`: `lance_write.Target`) become `done`; both drop their inline image bytes. With `retry_errors`,
+    a row found only in the errors table is done again."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if batch.num_rows == 0 or len(done) == 0:
+    from pipelines.lance_write import claim, committed_ids
+
+    if batch.num_rows == 0:
         return batch
-    digests = id_digests(batch["id"].to_pylist())
-    positions = np.minimum(np.searchsorted(done, digests), len(done) - 1)
-    hit = pa.array(done[positions] == digests)
-    status = pc.if_else(hit, pa.scalar("done"), batch["status"])
-    image_bytes = pc.if_else(hit, pa.scalar(None, pa.binary()), batch["image_bytes"])
-    out = batch.set_column(batch.schema.get_field_index("status"), "status", status)
+    ids = batch["id"].to_pylist()
+    granted = claim(target, ids, batch["origin"].to_pylist())
+    wanted = [i for i, ok in zip(ids, granted, strict=True) if ok]
+    found = committed_ids(target, "vectors", wanted)
+    if not target.retry_errors:
+        found |= committed_ids(target, "errors", [i for i in wanted if i not in found])
+    # found, but committed by an earlier group of this run: a repeat of a row this run wrote
+    before = committed_ids(target, "vectors", sorted(found), at_start=True)
+    if not target.retry_errors:
+        before |= committed_ids(target, "errors", sorted(found - before), at_start=True)
+    status = [
+        "repeat" if not ok or (i in found and i not in before) else ("done" if i in found else s)
+        for i, s, ok in zip(ids, batch["status"].to_pylist(), granted, strict=True)
+    ]
+    skipped = pa.array([s in ("done", "repeat") for s in status])
+    image_bytes = pc.if_else(skipped, pa.scalar(None, pa.binary()), batch["image_bytes"])
+    out = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     return out.set_column(out.schema.get_field_index("image_bytes"), "image_bytes", image_bytes)
 
 
@@ -108,7 +115,8 @@ def _cached_preparer(config_json: str):
     return build_preparer(EmbedderConfig.model_validate_json(config_json))
 
 
-def _item(row: dict[str, Any]) -> dict[str, Any]:
+def _item(row: dict[str, Any], storage: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """The embedder's item of a row; `storage`: each source's object-store options, by source label."""
     item: dict[str, Any] = {}
     if row["text"] is not None:
         item["text"] = row["text"]
@@ -116,7 +124,8 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
         item["image"] = row["image_bytes"]
     elif row["image_uri"] is not None:
         uri = row["image_uri"]
-        item["image"] = read_image_uri(uri) if is_uri(uri) else uri
+        options = (storage or {}).get(row["source"])
+        item["image"] = read_image_uri(uri, options) if is_uri(uri) else uri
     return item
 
 
@@ -142,7 +151,7 @@ def _list_array(arrays: list[np.ndarray], column: str):
     return array_class.from_arrays(pa.array(offsets), values)
 
 
-def prepare_batch(batch, config_json: str):
+def prepare_batch(batch, config_json: str, storage: dict[str, dict[str, str]] | None = None):
     """CPU stage: `todo` rows -> token ids, positions and pixels; bad rows -> `error` (stage `prepare`)."""
     import pyarrow as pa
 
@@ -159,7 +168,7 @@ def prepare_batch(batch, config_json: str):
         arrays, modality, truncated = empty, None, False
         if row["status"] == "todo":
             try:
-                prepared = preparer.prepare(_item(row)).to_row()
+                prepared = preparer.prepare(_item(row, storage)).to_row()
                 arrays = {c: prepared[c] for c in ARRAY_COLUMNS}
                 modality, truncated = prepared["modality"], bool(prepared["truncated"])
             except ItemError as exc:
@@ -299,10 +308,9 @@ def prepare_memory(config: Config) -> int:
     return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
 
 
-def build_pipeline(
-    datasets: list, config: Config, done: np.ndarray, num_gpus: float, dimension: int | None = None
-):
-    """Per source: read -> mark done; then, for all: prepare (CPU tasks) -> embed (actor pool), one lazy Dataset.
+def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int | None = None):
+    """The rows of one group of work units (`work_units.units_dataset`) -> mark done (fused into the reads) ->
+    prepare (CPU tasks) -> embed (actor pool), one lazy Dataset; `target`: `lance_write.Target`.
 
     The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it
     can hold. As their resources differ from the read's and the actors', Ray Data also keeps them a separate
@@ -313,18 +321,15 @@ def build_pipeline(
 
     resources = config.resources
     embedder_json = config.embedder.model_dump_json()
-    marked = [
-        ds.map_batches(
-            mark_done, batch_format="pyarrow", fn_kwargs={"done": done}, udf_modifying_row_count=False
-        )
-        for ds in datasets
-    ]
-    ds = marked[0].union(*marked[1:]) if len(marked) > 1 else marked[0]
+    storage = {s.label: s.storage_options for s in config.sources if s.storage_options}
+    ds = ds.map_batches(
+        mark_done, batch_format="pyarrow", fn_kwargs={"target": target}, udf_modifying_row_count=False
+    )
     ds = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
         batch_size=resources.prepare_batch_rows,
-        fn_kwargs={"config_json": embedder_json},
+        fn_kwargs={"config_json": embedder_json, "storage": storage or None},
         udf_modifying_row_count=False,
         num_cpus=1,
         memory=prepare_memory(config),

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.config import SourceConfig
-from pipelines.readers import build_row, content_id, expand_paths, list_images, read_source
+from pipelines.readers import build_row, content_id, expand_paths, list_images
+from pipelines.work_units import plan_units, read_unit
 from tests.pipelines.corpus import documented_content_id, write_corpus
 
 
@@ -16,9 +17,14 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows(corpus, ray_session):
-    """Every source read through Ray Data, as {source name: [row dicts]}."""
-    return {source.name: read_source(source).take_all() for source in corpus.sources}
+def rows(corpus):
+    """Every source read unit by unit (what each of the backfill's read tasks does), as {name: [row dicts]}."""
+    units = plan_units(corpus.sources, unit_bytes=2**20, unit_files=2)
+    read: dict[str, list] = {source.name: [] for source in corpus.sources}
+    for number, unit in enumerate(units):
+        source = corpus.sources[unit.source]
+        read[source.name] += [r for block in read_unit(unit, number, source) for r in block.to_pylist()]
+    return read
 
 
 def test_content_ids_are_the_documented_hash_and_stable():

@@ -1,17 +1,18 @@
-"""The stages: done rows are marked, prepare runs without weights, the actor embeds and bisects failures."""
+"""The stages: done and repeated rows are marked, prepare runs without weights, the actor embeds and bisects
+failures."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig
+from pipelines.lance_write import Target, dataset_uri, reset_claims, start_claims
 from pipelines.prepare import PreparedItem
 from pipelines.readers import row_schema
 from pipelines.stages import (
     EmbedActor,
     build_pipeline,
     build_preparer,
-    done_set,
     mark_done,
     prepare_batch,
     prepared_schema,
@@ -26,7 +27,7 @@ def config(tiny_model_dir):
 
 def rows(*specs: dict) -> pa.Table:
     """Reader rows: dicts with id and some of text, image_uri, image_bytes, status, stage, reason."""
-    full = [{"source": "test", "status": "todo", **spec} for spec in specs]
+    full = [{"source": "test", "status": "todo", "origin": f"0:{n}", **spec} for n, spec in enumerate(specs)]
     return pa.Table.from_pylist(full, schema=row_schema())
 
 
@@ -63,8 +64,32 @@ def test_the_preparer_needs_no_weights_and_prepares_what_the_embedder_does(confi
             np.testing.assert_array_equal(mine.pixel_values, theirs.pixel_values)
 
 
-def test_done_ids_are_marked_and_lose_their_inline_bytes(inputs):
-    marked = mark_done(inputs, done_set(["pair", "blank", "not-in-this-batch"]))
+def committed_tables(root, vectors: list[str], errors: list[str], claims=(), retry_errors=False) -> Target:
+    """A vectors and an errors table on disk holding these ids, as the stages see them."""
+    import lancedb
+
+    db = lancedb.connect(str(root))
+    made = {}
+    for name, ids in (("vectors", vectors), ("errors", errors)):
+        data = pa.table({"id": pa.array(ids or ["placeholder"], pa.string())})
+        table = db.create_table(name, data=data, mode="overwrite")
+        if not ids:
+            table.delete("true")
+        made[name] = table.version
+    return Target(
+        vectors_uri=dataset_uri(str(root), "vectors"),
+        errors_uri=dataset_uri(str(root), "errors"),
+        storage_options=(),
+        vectors_version=made["vectors"],
+        errors_version=made["errors"],
+        retry_errors=retry_errors,
+        start_versions=(made["vectors"], made["errors"]),
+        claims=claims,
+    )
+
+
+def test_ids_already_in_either_table_are_done_and_lose_their_inline_bytes(inputs, tmp_path):
+    marked = mark_done(inputs, committed_tables(tmp_path, ["pair", "other"], ["blank"]))
     status = dict(zip(marked["id"].to_pylist(), marked["status"].to_pylist(), strict=True))
     assert status == {
         "text": "todo",
@@ -76,7 +101,31 @@ def test_done_ids_are_marked_and_lose_their_inline_bytes(inputs):
         "finished": "done",
     }
     assert marked["image_bytes"][2].as_py() is None
-    assert mark_done(inputs, done_set([])).equals(inputs)
+    assert mark_done(inputs, committed_tables(tmp_path / "empty", [], [])).equals(inputs)
+
+
+def test_with_retry_errors_a_row_only_in_the_errors_table_is_done_again(inputs, tmp_path):
+    marked = mark_done(inputs, committed_tables(tmp_path, ["pair"], ["blank"], retry_errors=True))
+    status = dict(zip(marked["id"].to_pylist(), marked["status"].to_pylist(), strict=True))
+    assert status["blank"] == "todo" and status["pair"] == "done"
+
+
+def test_a_repeated_id_is_marked_once_it_was_claimed_and_a_retried_task_claims_its_own_rows(
+    tmp_path, ray_session
+):
+    claims = start_claims(2)
+    target = committed_tables(tmp_path, [], [], claims=claims)
+    first = rows({"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "x"})
+    assert mark_done(first, target)["status"].to_pylist() == ["todo", "todo", "repeat"]
+    assert mark_done(first, target)["status"].to_pylist() == [
+        "todo",
+        "todo",
+        "repeat",
+    ]  # a retry: same origins
+    later = pa.Table.from_pylist([{**first.to_pylist()[1], "origin": "1:0"}], schema=row_schema())
+    assert mark_done(later, target)["status"].to_pylist() == ["repeat"]
+    reset_claims(claims)
+    assert mark_done(later, target)["status"].to_pylist() == ["todo"]  # a new group starts empty
 
 
 def test_prepare_turns_bad_rows_into_errors_and_passes_the_others_through(config, embedder, inputs):
@@ -118,11 +167,14 @@ def test_the_actor_embeds_like_embed_batch_and_isolates_an_item_that_fails_forwa
         np.testing.assert_allclose(by_id[key]["vector"], embedder.embed_batch([item])[0], atol=1e-5)
 
 
-def test_the_pipeline_keeps_prepare_and_embed_apart_and_every_row_comes_out_once(config, inputs, ray_session):
+def test_the_pipeline_keeps_prepare_and_embed_apart_and_every_row_comes_out_once(
+    config, inputs, ray_session, tmp_path
+):
     import ray
 
     job = Config(embedder=config, resources=ResourcesConfig(batch_rows=4, prepare_batch_rows=2))
-    pipeline = build_pipeline([ray.data.from_arrow(inputs)], job, done_set(["finished"]), num_gpus=0)
+    target = committed_tables(tmp_path, ["finished"], [])
+    pipeline = build_pipeline(ray.data.from_arrow(inputs), job, target, num_gpus=0)
     out = pa.concat_tables(list(pipeline.iter_batches(batch_size=None, batch_format="pyarrow")))
     assert sorted(out["id"].to_pylist()) == sorted(inputs["id"].to_pylist())
     status = dict(zip(out["id"].to_pylist(), out["status"].to_pylist(), strict=True))
