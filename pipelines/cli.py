@@ -388,7 +388,8 @@ Start Ray Serve with the embedder behind an HTTP API, on 127.0.0.1:8000 unless t
 until Ctrl-C: POST /v1/embeddings (OpenAI-compatible, plus {"text", "image"} items with inline base64
 images), POST /search (the table in the config, queried with the configuration it was built with),
 GET /healthz, GET /v1/models; with --reranker (or a reranker: section), POST /rerank and /search with
-"rerank": true.
+"rerank": true; with --answer (or an answer: section; Instruct checkpoints), POST /v1/chat/completions
+(OpenAI-compatible, streaming too) answers from the table with the embedder's own weights.
 
 --config takes the project's config YAML (the file a backfill runs from: embedder, table, serve sections)
 or a Ray Serve config file such as serve/config.yaml. Flags override the file. If the environment variable
@@ -401,6 +402,7 @@ examples:
       --recipe qwen3-vl-embedding --num-gpus 1 --max-replicas 4
   vlm-embed serve --high-throughput                      # HAProxy in front of the replicas (Ray >= 2.55)
   vlm-embed serve --reranker tiny-reranker               # and POST /rerank with the tiny reranker
+  vlm-embed serve --answer                               # and POST /v1/chat/completions (tiny model)
 """,
     )
     p.add_argument(
@@ -408,6 +410,12 @@ examples:
         metavar="MODEL",
         help="also serve this Qwen3-VL-Reranker (a hub id such as Qwen/Qwen3-VL-Reranker-2B, a directory, or "
         "tiny-reranker): POST /rerank, and /search with rerank",
+    )
+    p.add_argument(
+        "--answer",
+        action="store_true",
+        help="also answer POST /v1/chat/completions from the table with the same model (Instruct checkpoints; "
+        "an answer: section in the config does the same and sets its options)",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="a config YAML or a Ray Serve config file")
     p.add_argument(
@@ -427,6 +435,12 @@ def _run_serve(args) -> int:
     except LaunchError as exc:
         raise CliError(str(exc)) from exc
     target = with_reranker(apply_flags(target, args), args.reranker)
+    if args.answer and target.config.answer is None:
+        from dataclasses import replace
+
+        from pipelines.config import AnswerConfig
+
+        target = replace(target, config=target.config.model_copy(update={"answer": AnswerConfig()}))
     resolve_model_source(target.config.embedder.model)  # a wrong local path fails here, not in every replica
     if target.config.reranker is not None:
         resolve_model_source(target.config.reranker.model)

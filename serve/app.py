@@ -84,6 +84,11 @@ class EmbeddingService:
             from serve.rerank import RerankClient
 
             self.reranker = RerankClient(self.config.reranker, reranker, serve_config, self._prepare_pool)
+        self.chat = None  # POST /v1/chat/completions, with an answer: section (serve.chat)
+        if self.config.answer is not None:
+            from serve.chat import ChatClient
+
+            self.chat = ChatClient(self.config, embedder_config, self.preparer, model, self._prepare_pool)
 
     def __serve_build_asgi_app__(self):
         from serve.routes import build_api
@@ -225,6 +230,10 @@ def app_for(
     `runtime_env`, autoscaling metric intervals): `overrides` for `EmbeddingModel`, `ingress` for
     `EmbeddingService`, `reranker_options` for `RerankModel`. `vlm-embed serve` passes none."""
     check_servable(config.embedder)
+    if config.answer is not None:  # answers need an Instruct checkpoint: refused here, not in a replica
+        from pipelines.generation import check_can_generate
+
+        check_can_generate(config.embedder)
     payload = config.model_dump(mode="json")
     if overrides.get("autoscaling_config") is not None:
         overrides["autoscaling_config"] = with_policy(overrides["autoscaling_config"])

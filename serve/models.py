@@ -28,6 +28,7 @@ from serve.coalesce import Rows
 
 MODEL_DEPLOYMENT = "EmbeddingModel"  # the embedder and its batch queue (GPU replicas, where there are GPUs)
 RERANK_DEPLOYMENT = "RerankModel"  # the reranker and its batch queue
+GENERATIONS_PER_REPLICA = 1  # answers generated at once by one EmbeddingModel replica (serve.chat)
 
 
 @dataclass
@@ -158,9 +159,18 @@ class EmbeddingModel(_BatchingReplica):
     def __init__(self, config: dict[str, Any]):
         from pipelines.backends import load_embedder
 
-        embedder_config = Config.model_validate(config).embedder
+        full = Config.model_validate(config)
+        embedder_config = full.embedder
         check_servable(embedder_config)
-        self.embedder = load_embedder(embedder_config)
+        self.generator = None
+        if full.answer is not None:  # POST /v1/chat/completions: the generation class, its base model embeds
+            from pipelines.generation import Generator
+
+            self.generator = Generator.from_config(embedder_config)
+            self.embedder = self.generator.embedder
+        else:
+            self.embedder = load_embedder(embedder_config)
+        self._generations = asyncio.Semaphore(GENERATIONS_PER_REPLICA)
         self._start(config, max(embedder_config.max_batch_tokens, embedder_config.max_length))
         self._warm_up()
         self.ready = True
@@ -171,6 +181,28 @@ class EmbeddingModel(_BatchingReplica):
 
     def _forward(self, prepared: list[Any]) -> list[Any]:
         return self.embedder.try_embed_prepared(prepared).per_item(len(prepared))
+
+    async def generate(self, prompt, options):
+        """Stream one answer (`serve.chat`): `{"text": piece}` per text piece, then `{"finish_reason",
+        "prompt_tokens", "completion_tokens"}`, from the generation class whose base model the embedder runs on.
+        Answers go one at a time per replica (no continuous batching); embedding batches go on meanwhile."""
+        if self.generator is None:
+            raise RuntimeError("this replica was started without an answer: section; it does not generate")
+        async with self._generations:
+            stream = self.generator.stream(prompt, options)
+            pieces = iter(stream)
+            loop = asyncio.get_running_loop()
+            try:
+                while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+                    yield {"text": piece}
+            finally:
+                stream.close()  # the client went away: stop generating at the next token
+            end = stream.completion
+            yield {
+                "finish_reason": end.finish_reason,
+                "prompt_tokens": end.prompt_tokens,
+                "completion_tokens": end.completion_tokens,
+            }
 
     def _warm_up(self) -> None:
         """The embedder's own warm-up (compiles, with `compile=True`), then one text and, with an image
@@ -185,6 +217,11 @@ class EmbeddingModel(_BatchingReplica):
         vectors = self.embedder.embed_batch(items)
         if not np.isfinite(vectors).all():
             raise RuntimeError("the warm-up batch gave non-finite vectors: the model is broken")
+        if self.generator is not None:
+            from pipelines.generation import SamplingOptions
+
+            prompt = self.generator.prompt([{"role": "user", "content": "warm up"}])
+            self.generator.generate(prompt, SamplingOptions(max_new_tokens=2, temperature=0))
 
     def health(self) -> dict[str, Any]:
         return self._health(

@@ -33,7 +33,7 @@ from serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
-ENDPOINTS = ("/v1/embeddings", "/search", "/rerank", "/healthz", "/v1/models")
+ENDPOINTS = ("/v1/embeddings", "/search", "/rerank", "/v1/chat/completions", "/healthz", "/v1/models")
 
 
 class FastJSONResponse(JSONResponse):
@@ -185,6 +185,10 @@ def build_api(service) -> FastAPI:
                 scores, echoed, req.top_n, req.return_documents, service.reranker.model_name, tokens
             )
         )
+
+    from serve.chat import add_chat_route
+
+    add_chat_route(api, service, authorize, check_model)
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
