@@ -302,7 +302,10 @@ class EmbedActor:
 
 def prepare_memory(config: Config) -> int:
     """Bytes one prepare task may hold at its peak: the worker with its tokenizer, and every row an image at
-    `max_pixels` as float32 patches."""
+    `max_pixels` as float32 patches (a text-only backend, sentence-transformers: its model on the CPU and no
+    images)."""
+    if config.embedder.backend == "sentence-transformers":
+        return 1024 * 2**20 + config.resources.prepare_batch_rows * 2**20
     # channels x temporal patch x float32, + text
     per_row = config.embedder.resolved_max_pixels * 3 * 2 * 4 + 2**20
     return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
