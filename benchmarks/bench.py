@@ -28,14 +28,20 @@ import numpy as np
 
 SHAPES = ("tiny", "2b", "8b")
 WORKLOADS = ("text", "image")
+# Every variant names its layout and compile setting: the config's defaults (auto) would pick them by device.
+# `legacy:` variants run the previous packed engine (`engine: legacy`), the one the README's figures were
+# measured with, so that one run compares the two engines.
+_PACKED = {"attention_layout": "packed", "compile": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "padded": {"attention_layout": "padded"},
-    "packed": {"attention_layout": "packed"},
-    "packed+compile": {"attention_layout": "packed", "compile": True},
-    "packed-flex": {"attention_layout": "packed", "varlen_attention": "flex"},
-    "packed-sdpa": {"attention_layout": "packed", "varlen_attention": "sdpa"},
-    "packed+fp8": {"attention_layout": "packed", "quantization": "fp8"},
-    "packed+compile+fp8": {"attention_layout": "packed", "compile": True, "quantization": "fp8"},
+    "padded": {"attention_layout": "padded", "compile": False},
+    "packed": _PACKED,
+    "packed+compile": {**_PACKED, "compile": True},
+    "packed-flex": {**_PACKED, "varlen_attention": "flex"},
+    "packed-sdpa": {**_PACKED, "varlen_attention": "sdpa"},
+    "packed+fp8": {**_PACKED, "quantization": "fp8"},
+    "packed+compile+fp8": {**_PACKED, "compile": True, "quantization": "fp8"},
+    "legacy:packed": {**_PACKED, "engine": "legacy"},
+    "legacy:packed+compile": {**_PACKED, "compile": True, "engine": "legacy"},
 }
 # BENCHMARK.md's sizes on a GPU; CI-sized ones for the tiny model on a CPU
 SIZES = {
@@ -371,10 +377,10 @@ def _workload_flops(costs, items) -> float:
 
 
 def _backend(embedder) -> str:
-    packed = getattr(embedder, "_packed", None)
-    if packed is None:
+    engine = embedder.engine
+    if engine.layout == "padded":
         return embedder.model.config._attn_implementation
-    return packed.backend + ("+compile" if packed.compile else "")
+    return f"{engine.backend}{'+compile' if engine.compile else ''} ({embedder.config.engine})"
 
 
 def _compiled_graphs() -> int:

@@ -29,6 +29,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "4bit", "8bit", "fp8"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AttentionLayout = Literal["padded", "packed"]
+AttentionLayoutChoice = Literal["auto", "padded", "packed"]
+Engine = Literal["hooks", "legacy"]
 VarlenAttention = Literal["auto", "flash", "flex", "sdpa"]
 Backend = Literal["transformers", "sentence-transformers", "stand-in"]
 
@@ -96,32 +98,56 @@ class ModelOptions(StrictModel):
         default=16384, ge=1, description="Token budget of one forward pass (padded tokens count)."
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one forward pass.")
-    attention_layout: AttentionLayout = Field(
-        default="padded",
+    attention_layout: AttentionLayoutChoice = Field(
+        default="auto",
         description="padded: items of a batch padded to the longest, the model's own attention. packed: items "
         "laid end to end in one row with variable-length attention (no padding; the fast path on GPUs). "
-        "Both compute the same vectors.",
+        "Both compute the same vectors. auto: packed on CUDA, padded elsewhere (on a CPU packed attends item "
+        "by item and is slower).",
+    )
+    engine: Engine = Field(
+        default="hooks",
+        description="The packed layout's engine. hooks: the model's own decoder layers and vision blocks with "
+        "the varlen kernel registered through transformers' AttentionInterface. legacy: the previous engine, "
+        "which re-composes the layers from their parts; kept one option away until hooks is measured on a GPU "
+        "against the README's figures (benchmarks/NOTES.md).",
     )
     varlen_attention: VarlenAttention = Field(
         default="auto",
         description="Attention kernel of the packed layout: flash (CUDA, bf16/fp16), flex (FlexAttention), "
         "sdpa (one call per item, anywhere); auto: flash where it checks out, else sdpa.",
     )
-    compile: bool = Field(
-        default=False,
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
         description="torch.compile the decoder layers and vision blocks of the packed layout (compiled once, "
-        "reused by every layer; costs seconds to minutes at start, see benchmarks/NOTES.md).",
+        "reused by every layer; costs seconds at start with a warm compiler cache, see benchmarks/NOTES.md). "
+        "auto: on a GPU in the packed layout, compiled at warm_up(), which long-lived users call before taking "
+        "work (backfill actors, Serve replicas); one-shot use that never warms up (search, demo) stays eager.",
     )
 
     @model_validator(mode="after")
     def _check_model_options(self) -> Self:
-        if self.compile and self.attention_layout != "packed":
-            raise ValueError("compile=True needs attention_layout='packed'")
+        if self.compile is True and self.attention_layout != "packed":
+            raise ValueError(
+                "compile=True needs attention_layout='packed' (compile='auto' compiles where auto picks packed)"
+            )
         if self.resolved_min_pixels > self.resolved_max_pixels:
             raise ValueError(
                 f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"
             )
         return self
+
+    def resolved_attention_layout(self, device_type: str) -> AttentionLayout:
+        """`attention_layout` on a device of this type ('cuda', 'cpu', ...): auto is packed on CUDA only."""
+        if self.attention_layout != "auto":
+            return self.attention_layout
+        return "packed" if device_type == "cuda" else "padded"
+
+    def resolved_compile(self, device_type: str, warmed_up: bool) -> bool:
+        """Whether the packed layout runs compiled: auto is on once warmed up, in the packed layout on CUDA."""
+        if self.compile != "auto":
+            return self.compile
+        return warmed_up and device_type == "cuda" and self.resolved_attention_layout(device_type) == "packed"
 
     @property
     def resolved_min_pixels(self) -> int:

@@ -6,6 +6,8 @@ place each part where it belongs:
 - `forward(items)` (GPU) the base model up to the chosen layer, then pooling       -> pooled tensor
 - `finish(pooled)` (CPU) Matryoshka truncation, L2 normalisation                    -> float32 numpy
 `embed_batch` does all three with token-budget, length-sorted batches and returns results in input order.
+The forward pass is the engine's (`pipelines.engine`: padded or packed layout, picked from the config); the
+embedder does not ask which one runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from pipelines import pooling
 from pipelines.batching import plan_batches
 from pipelines.config import EmbedderConfig
-from pipelines.forward import collate, hidden_states_at, resolve_layer
+from pipelines.engine import build_engine
+from pipelines.forward import resolve_layer
 from pipelines.items import BatchResult, ForwardError, ItemError
 from pipelines.loading import (
     ModelLoadError,
@@ -78,17 +81,14 @@ class Embedder:
 
             if not any(isinstance(m, Fp8Linear) for m in self.model.language_model.modules()):
                 convert_to_fp8(self.model.language_model)
-        self._packed = None
-        if config.attention_layout == "packed":
-            from pipelines.packed import PackedForward
-
-            self._packed = PackedForward(
-                self.model,
-                layer=self.layer,
-                pooling=self.pooling,
-                attention=config.varlen_attention,
-                compile=config.compile,
-            )
+        self.engine = build_engine(
+            self.model,
+            config,
+            layer=self.layer,
+            pooling=self.pooling,
+            pad_token_id=self.pad_token_id,
+            padding_side=self.padding_side,
+        )
 
     @classmethod
     def load(cls, model: str = "tiny", **options: Any) -> Embedder:
@@ -132,11 +132,7 @@ class Embedder:
 
     def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
         """GPU: pooled hidden states (float32, on the model's device) for one batch of prepared items."""
-        if self._packed is not None:
-            return self._packed.forward(items)
-        batch = collate(list(items), self.pad_token_id, self.padding_side).to(self.device, self.dtype)
-        hidden = hidden_states_at(self.model, batch, self.layer)
-        return pooling.pool(hidden, batch.attention_mask, self.pooling)
+        return self.engine.forward(items)
 
     def finish(self, pooled: torch.Tensor) -> np.ndarray:
         """Truncate to `dimensions`, normalise, copy to the host as float32."""
@@ -155,17 +151,13 @@ class Embedder:
             [p.num_tokens for p in prepared],
             max_tokens=self.config.max_batch_tokens,
             max_items=batch_size or self.config.max_batch_items,
-            layout=self.config.attention_layout,
+            layout=self.engine.layout,
         )
-        if self._packed is not None:
-            # vectors stay on the device until the end: one copy to the host, not one per step
-            steps = [[prepared[i] for i in step] for step in plan]
-            vectors = [self._finish_on_device(pooled) for pooled in self._packed.forward_steps(steps)]
-            if vectors:
-                out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
-            return out
-        for indices in plan:
-            out[indices] = self.finish(self.forward([prepared[i] for i in indices]))
+        # vectors stay on the device until the end: one copy to the host, not one per step
+        steps = [[prepared[i] for i in step] for step in plan]
+        vectors = [self._finish_on_device(pooled) for pooled in self.engine.forward_steps(steps)]
+        if vectors:
+            out[[i for step in plan for i in step]] = torch.cat(vectors).cpu().numpy()
         return out
 
     def try_embed_prepared(
@@ -207,15 +199,9 @@ class Embedder:
         """Run a few representative steps (and compile, with `compile=True`); returns the seconds it took.
 
         Call it before taking work (a Serve replica, a backfill actor), so that the first request does not pay
-        for compilation. `image_side` (packed layout): also warm up the vision tower on such square images.
-        On a GPU the packed layout also runs one full step (`max_batch_tokens`) of each kind."""
-        if self._packed is not None:
-            return self._packed.warm_up(image_side=image_side, step_tokens=self.config.max_batch_tokens)
-        import time
-
-        start = time.perf_counter()
-        self.embed_batch(["warm up", "a somewhat longer text to warm up the embedder with"])
-        return time.perf_counter() - start
+        for compilation. `image_side`: also warm up the vision tower on such square images.
+        On a GPU it also runs one full step (`max_batch_tokens`) of each kind; `compile: auto` compiles here."""
+        return self.engine.warm_up(image_side=image_side, step_tokens=self.config.max_batch_tokens)
 
     def embed_batch(
         self, items: Iterable[Any], batch_size: int | None = None, *, query: bool = False

@@ -5,10 +5,14 @@
 - `0` is the token embeddings (with the image features scattered in),
 - `1 .. L-1` is the output of decoder layer `k-1`, before the deepstack visual features are added to it,
 - `L` (or `-1`) is the output of the last layer after the final norm.
+
+`decoder_states` is that rule as one layer loop, shared by every engine (`pipelines.engine`): how a layer is
+called and how the deepstack features are added depend on the layout, the order does not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +99,28 @@ def _image_features(model, batch: Batch, embeds: torch.Tensor):
     return embeds, image_mask, deepstack
 
 
+def decoder_states(
+    language_model,
+    hidden: torch.Tensor,
+    target: int,
+    deepstack: list[torch.Tensor],
+    run_layer: Callable[[int, torch.Tensor], torch.Tensor],
+    add_deepstack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """`hidden_states[target]` from the token embeddings `hidden`: `run_layer(k, hidden)` runs decoder layer `k`,
+    `add_deepstack(hidden, features)` adds layer `k`'s deepstack features (after layers 0 .. len(deepstack)-1)."""
+    num_layers = len(language_model.layers)
+    for index in range(target):
+        hidden = run_layer(index, hidden)
+        # hidden_states[k] is taken before the deepstack features are added, except for the last layer
+        is_captured = index == target - 1 and target < num_layers
+        if index < len(deepstack) and not is_captured:
+            hidden = add_deepstack(hidden, deepstack[index])
+    if target == num_layers:
+        hidden = language_model.norm(hidden)
+    return hidden
+
+
 @torch.inference_mode()
 def hidden_states_at(model, batch: Batch, layer: int) -> torch.Tensor:
     """`hidden_states[layer]` of the base model for a padded batch, running only the layers it needs."""
@@ -108,7 +134,6 @@ def hidden_states_at(model, batch: Batch, layer: int) -> torch.Tensor:
         embeds, image_mask, deepstack = _image_features(model, batch, embeds)
     if target == 0:
         return embeds
-    num_layers = len(language_model.layers)
     mask = create_causal_mask(
         config=language_model.config,
         inputs_embeds=embeds,
@@ -117,19 +142,17 @@ def hidden_states_at(model, batch: Batch, layer: int) -> torch.Tensor:
         position_ids=None,
     )
     position_embeddings = language_model.rotary_emb(embeds, batch.position_ids)
-    hidden = embeds
-    for index in range(target):
-        hidden = language_model.layers[index](
+
+    def run_layer(index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return language_model.layers[index](
             hidden,
             attention_mask=mask,
             position_ids=None,
             cache=None,
             position_embeddings=position_embeddings,
         )
-        # hidden_states[k] is taken before the deepstack features are added, except for the last layer
-        is_captured = index == target - 1 and target < num_layers
-        if index < len(deepstack) and not is_captured:
-            hidden = language_model._deepstack_process(hidden, image_mask, deepstack[index])
-    if target == num_layers:
-        hidden = language_model.norm(hidden)
-    return hidden
+
+    def add_deepstack(hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return language_model._deepstack_process(hidden, image_mask, features)
+
+    return decoder_states(language_model, embeds, target, deepstack, run_layer, add_deepstack)

@@ -1,4 +1,5 @@
-"""The packed layout computes the same vectors as the plain transformers forward and as the padded layout."""
+"""The packed layout computes the same vectors as the plain transformers forward and as the padded layout,
+with the default engine (the model's own layers through transformers' AttentionInterface) and the legacy one."""
 
 import shutil
 
@@ -8,9 +9,8 @@ import torch
 
 from pipelines.batching import plan_batches
 from pipelines.embedder import Embedder
-from pipelines.packed import full_steps, pack, pool_packed
-from pipelines.pooling import pool
-from pipelines.varlen import Segments
+from pipelines.packed import pack
+from pipelines.warm_up import full_steps
 from tests.conftest import make_image
 from tests.pipelines.reference import VISION, embed_item, reference_embedding, reference_inputs
 
@@ -41,33 +41,45 @@ def _embedder(model, parts, **options):
     return Embedder(model, parts.tokenizer, image_processor=parts.image_processor, **options)
 
 
+ENGINES = ["hooks", "legacy"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("modality", sorted(CASES))
 @pytest.mark.parametrize("layer", [-1, 2])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
-def test_packed_layout_matches_the_plain_forward(generation_model, embedder, modality, layer, pooling):
+def test_packed_layout_matches_the_plain_forward(
+    generation_model, embedder, modality, layer, pooling, engine
+):
     text, image = CASES[modality]
-    packed = _embedder(generation_model, embedder, pooling=pooling, layer=layer, attention_layout="packed")
+    packed = _embedder(
+        generation_model, embedder, pooling=pooling, layer=layer, attention_layout="packed", engine=engine
+    )
     prompt = (VISION if image is not None else "") + text
     inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, prompt, image)
     expected = reference_embedding(generation_model, inputs, layer, pooling)
     np.testing.assert_allclose(packed.embed_batch([embed_item(text, image)])[0], expected, atol=1e-5, rtol=0)
 
 
-def test_every_layer_index_in_the_packed_layout_matches_the_plain_forward(generation_model, embedder):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_layer_index_in_the_packed_layout_matches_the_plain_forward(generation_model, embedder, engine):
     image = make_image(3)
     inputs = reference_inputs(embedder.tokenizer, embedder.image_processor, VISION + TEXT, image)
     for layer in range(-5, 5):  # 0: embeddings; 1..3: before/after deepstack; 4: after the final norm
-        packed = _embedder(generation_model, embedder, layer=layer, attention_layout="packed")
+        packed = _embedder(generation_model, embedder, layer=layer, attention_layout="packed", engine=engine)
         expected = reference_embedding(generation_model, inputs, layer, "mean")
         got = packed.embed_batch([{"text": TEXT, "image": image}])[0]
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"layer {layer}")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("layer", [-1, 1, 2])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "last"])
-def test_packed_and_padded_layouts_give_the_same_vectors_for_a_mixed_batch(embedder, pooling, layer):
+def test_packed_and_padded_layouts_give_the_same_vectors_for_a_mixed_batch(embedder, pooling, layer, engine):
     padded = _embedder(embedder.model, embedder, pooling=pooling, layer=layer)
-    packed = _embedder(embedder.model, embedder, pooling=pooling, layer=layer, attention_layout="packed")
+    packed = _embedder(
+        embedder.model, embedder, pooling=pooling, layer=layer, attention_layout="packed", engine=engine
+    )
     np.testing.assert_allclose(packed.embed_batch(MIXED), padded.embed_batch(MIXED), atol=1e-5, rtol=0)
 
 
@@ -97,10 +109,20 @@ def test_tight_token_budgets_split_packed_steps_without_changing_vectors(tiny_mo
 
 
 def test_small_memory_chunks_give_the_same_vectors(embedder):
+    packed = _embedder(embedder.model, embedder, attention_layout="packed", layer=2, engine="legacy")
+    whole = packed.embed_batch(MIXED)
+    packed.engine.tokens_per_call = 7  # the per-token half of every layer in pieces of 7 tokens
+    packed.engine.patches_per_call = 20  # the vision tower one or two images at a time
+    np.testing.assert_allclose(packed.embed_batch(MIXED), whole, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        whole, _embedder(embedder.model, embedder, layer=2).embed_batch(MIXED), atol=1e-5
+    )
+
+
+def test_small_image_groups_give_the_same_vectors(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed", layer=2)
     whole = packed.embed_batch(MIXED)
-    packed._packed.tokens_per_call = 7  # the per-token half of every layer in pieces of 7 tokens
-    packed._packed.patches_per_call = 20  # the vision tower one or two images at a time
+    packed.engine.vision.patches_per_call = 20  # the vision tower one or two images at a time
     np.testing.assert_allclose(packed.embed_batch(MIXED), whole, atol=1e-5, rtol=0)
     np.testing.assert_allclose(
         whole, _embedder(embedder.model, embedder, layer=2).embed_batch(MIXED), atol=1e-5
@@ -108,7 +130,7 @@ def test_small_memory_chunks_give_the_same_vectors(embedder):
 
 
 def test_images_are_grouped_by_patches_in_order():
-    from pipelines.packed import _image_groups
+    from pipelines.vision import image_groups as _image_groups
 
     grid = torch.tensor([[1, 4, 4], [1, 2, 2], [1, 8, 8], [1, 2, 2], [1, 2, 2]])  # 16, 4, 64, 4, 4 patches
     assert _image_groups(grid, 20) == [slice(0, 2), slice(2, 3), slice(3, 5)]
@@ -129,7 +151,7 @@ def test_image_positions_are_computed_once_per_size_and_reused_with_the_same_vec
 ):
     packed = _embedder(generation_model, embedder, attention_layout="packed", layer=-1, pooling="mean")
     first = packed.embed_batch(SAME_SIZES)
-    positions = packed._packed._vision.positions
+    positions = packed.engine.vision.positions
     assert len(positions._entries) == 2  # two sizes among four images
     np.testing.assert_allclose(packed.embed_batch(SAME_SIZES), first, atol=1e-6, rtol=0)  # from the cache
     for item, vector in zip(SAME_SIZES, first, strict=True):
@@ -143,7 +165,7 @@ def test_image_positions_are_computed_once_per_size_and_reused_with_the_same_vec
 def test_the_image_position_cache_keeps_within_its_patch_bound_and_still_gives_the_same_vectors(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed")
     whole = packed.embed_batch(SAME_SIZES + MIXED)
-    positions = packed._packed._vision.positions
+    positions = packed.engine.vision.positions
     positions.max_patches = 20
     bounded = packed.embed_batch(SAME_SIZES + MIXED)
     assert len(positions._entries) == 1  # every size here is over 20 patches: only the latest is kept
@@ -190,38 +212,23 @@ def test_packing_lays_items_end_to_end_with_their_own_positions(embedder):
     assert batch.image_grid_thw.shape == (2, 3)
 
 
-def test_packed_pooling_equals_padded_pooling_on_hand_made_states():
-    lengths = [3, 1, 4]
-    hidden = torch.randn(sum(lengths), 5)
-    segments = Segments.from_lengths(lengths, "cpu")
-    padded = torch.full((3, 4, 5), float("nan"))
-    mask = torch.zeros(3, 4, dtype=torch.long)
-    start = 0
-    for row, n in enumerate(lengths):
-        padded[row, :n] = hidden[start : start + n]
-        mask[row, :n] = 1
-        start += n
-    for mode in ("mean", "max", "cls", "last"):
-        torch.testing.assert_close(pool_packed(hidden, segments, mode), pool(padded, mask, mode), msg=mode)
-
-
 def test_steps_run_in_order_with_the_next_one_packed_meanwhile(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed")
     prepared = [embedder.prepare(item) for item in MIXED + SAME_SIZES]
     steps = [prepared[:3], prepared[3:4], prepared[4:]]
-    pooled = list(packed._packed.forward_steps(steps))
+    pooled = list(packed.engine.forward_steps(steps))
     assert [p.shape[0] for p in pooled] == [3, 1, len(prepared) - 4]
     for step, vectors in zip(steps, pooled, strict=True):
-        torch.testing.assert_close(vectors, packed._packed.forward(step), atol=1e-6, rtol=0)
-    assert list(packed._packed.forward_steps([])) == []
-    (alone,) = packed._packed.forward_steps(steps[:1])  # one step: run in place
+        torch.testing.assert_close(vectors, packed.engine.forward(step), atol=1e-6, rtol=0)
+    assert list(packed.engine.forward_steps([])) == []
+    (alone,) = packed.engine.forward_steps(steps[:1])  # one step: run in place
     torch.testing.assert_close(alone, pooled[0], atol=1e-6, rtol=0)
 
 
 def test_a_bad_step_raises_from_the_packing_thread(embedder):
     packed = _embedder(embedder.model, embedder, attention_layout="packed")
     with pytest.raises(ValueError, match="empty batch"):
-        list(packed._packed.forward_steps([[embedder.prepare("fine")], []]))
+        list(packed.engine.forward_steps([[embedder.prepare("fine")], []]))
 
 
 def test_warm_up_runs_text_and_image_steps(embedder):
@@ -243,23 +250,26 @@ def test_the_full_warm_up_steps_fill_the_token_budget_and_run(embedder):
         vectors = packed.forward(step).cpu().numpy()
         np.testing.assert_allclose(vectors, np.repeat(vectors[:1], len(step), axis=0), atol=1e-5)
     assert len(full_steps(config, 2048)) == 1  # no image side: texts only
-    assert packed._packed.run_full_steps(2048, image_side=64) == 3  # texts, then images twice
-    assert packed._packed.run_full_steps(2048) == 2
+    assert packed.engine.run_full_steps(2048, image_side=64) == 3  # texts, then images twice
+    assert packed.engine.run_full_steps(2048) == 2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler"
 )
-def test_compiled_packed_layout_gives_the_same_vectors_and_compiles_each_half_once(embedder):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_compiled_packed_layout_gives_the_same_vectors_and_compiles_each_half_once(embedder, engine):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # whatever compiled these functions before in this process: compile them here
-    eager = _embedder(embedder.model, embedder, attention_layout="packed", layer=2)
-    compiled = _embedder(embedder.model, embedder, attention_layout="packed", layer=2, compile=True)
+    eager = _embedder(embedder.model, embedder, attention_layout="packed", layer=2, engine=engine)
+    compiled = _embedder(
+        embedder.model, embedder, attention_layout="packed", layer=2, compile=True, engine=engine
+    )
     before = counters["stats"]["unique_graphs"]
     np.testing.assert_allclose(compiled.embed_batch(MIXED), eager.embed_batch(MIXED), atol=1e-5, rtol=0)
-    # four graphs (text qkv/out, vision qkv/out), shared by every layer
+    # four graphs (text layer / vision block, each before and after attention), shared by every layer
     assert counters["stats"]["unique_graphs"] - before == 4
     # a different token count and batch reuses them (dynamic shapes): no recompilation
     np.testing.assert_allclose(compiled.embed_batch(MIXED[2:]), eager.embed_batch(MIXED[2:]), atol=1e-5)
@@ -268,19 +278,19 @@ def test_compiled_packed_layout_gives_the_same_vectors_and_compiles_each_half_on
 
 @pytest.mark.gpu
 def test_on_a_gpu_in_bf16_the_packed_layout_uses_flash_and_agrees_with_padded(cuda, tiny_model_dir):
-    padded = Embedder.load(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    padded = Embedder.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", attention_layout="padded")
     packed = Embedder(
         padded.model, padded.tokenizer, image_processor=padded.image_processor, attention_layout="packed"
     )
-    assert packed._packed.backend == "flash"
+    assert packed.engine.backend == "flash"
     cosines = np.sum(packed.embed_batch(MIXED) * padded.embed_batch(MIXED), axis=1)
     print(f"tiny bf16 packed (flash) vs padded: min cosine {cosines.min():.5f}")
     assert cosines.min() >= 0.99
     # on a GPU a step's pixels are gathered into pinned memory (copied without the host waiting)
-    batch = packed._packed._pack([packed.prepare(item) for item in MIXED])
+    batch = packed.engine._pack([packed.prepare(item) for item in MIXED])
     assert batch.pixel_values.is_pinned() and not batch.input_ids.is_pinned()
     # and steps run with the next one packed meanwhile: the same vectors as one at a time
     prepared = [packed.prepare(item) for item in MIXED + SAME_SIZES]
     steps = [prepared[:3], prepared[3:]]
-    for step, vectors in zip(steps, packed._packed.forward_steps(steps), strict=True):
-        torch.testing.assert_close(vectors, packed._packed.forward(step), atol=1e-2, rtol=1e-2)
+    for step, vectors in zip(steps, packed.engine.forward_steps(steps), strict=True):
+        torch.testing.assert_close(vectors, packed.engine.forward(step), atol=1e-2, rtol=1e-2)
