@@ -102,12 +102,16 @@ def retrieve(
     image: Any = None,
     top_k: int = 5,
     where: str | None = None,
+    mode: str = "vector",
 ) -> list[dict[str, Any]]:
-    """The `top_k` rows nearest to the question, embedded by the generator's own embedder (checked against the
-    table's recorded configuration)."""
-    from pipelines.search import search
+    """The `top_k` rows that best match the question (`pipelines.search.retrieve_context`: vector, text or
+    hybrid), the question embedded by the generator's own embedder (checked against the table's recorded
+    configuration)."""
+    from pipelines.search import retrieve_context
 
-    return search(table_config, question, image, top_k=top_k, where=where, embedder=generator.embedder)
+    return retrieve_context(
+        question, top_k, where, mode, image=image, table=table_config, embedder=generator.embedder
+    )
 
 
 def prepare_answer(
@@ -118,12 +122,15 @@ def prepare_answer(
     *,
     image: Any = None,
     where: str | None = None,
+    mode: str = "vector",
 ) -> tuple[ChatPrompt, list[dict[str, Any]]]:
     """Retrieve and build the prompt: (the prompt, the sources it holds)."""
     config = config or AnswerConfig()
     if not question or not question.strip():
         raise ValueError("the question is empty")
-    rows = retrieve(table_config, generator, question, image=image, top_k=config.top_k, where=where)
+    rows = retrieve(
+        table_config, generator, question, image=image, top_k=config.top_k, where=where, mode=mode
+    )
     messages, used = context_messages(
         question,
         rows,
@@ -148,10 +155,13 @@ def answer(
     generator: Generator,
     image: Any = None,
     where: str | None = None,
+    mode: str = "vector",
 ) -> Answer:
-    """Retrieve, prompt and generate: the whole answer at once."""
+    """Retrieve (`mode`: vector, text or hybrid), prompt and generate: the whole answer at once."""
     config = config or AnswerConfig()
-    prompt, sources = prepare_answer(table_config, generator, question, config, image=image, where=where)
+    prompt, sources = prepare_answer(
+        table_config, generator, question, config, image=image, where=where, mode=mode
+    )
     completion = generator.generate(prompt, sampling(config))
     return Answer(text=completion.text, sources=sources, prompt=prompt, completion=completion)
 
@@ -164,9 +174,12 @@ def stream_answer(
     generator: Generator,
     image: Any = None,
     where: str | None = None,
+    mode: str = "vector",
 ) -> tuple[list[dict[str, Any]], GenerationStream]:
     """Retrieve and prompt, then (the sources, the generation: iterate it for the answer's text pieces as they
     are generated, then read its `completion`)."""
     config = config or AnswerConfig()
-    prompt, sources = prepare_answer(table_config, generator, question, config, image=image, where=where)
+    prompt, sources = prepare_answer(
+        table_config, generator, question, config, image=image, where=where, mode=mode
+    )
     return sources, generator.stream(prompt, sampling(config))

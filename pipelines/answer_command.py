@@ -42,6 +42,13 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--where", metavar="SQL", help="a filter on the table's columns, e.g. \"modality = 'image'\""
     )
+    parser.add_argument(
+        "--mode",
+        choices=["vector", "text", "hybrid"],
+        default="vector",
+        help="how rows are retrieved: vector (cosine, the default), text (the full-text index), hybrid (both, "
+        "fused by LanceDB's RRF), as in vlm-embed search",
+    )
     parser.add_argument("--stream", action="store_true", help="print the answer's tokens as they come")
     parser.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, usage")
     parser.add_argument("--device", help="where to run the model (default: auto)")
@@ -71,7 +78,13 @@ def run_answer_command(args: argparse.Namespace) -> int:
         )
         generator = Generator.from_config(embedder_config)  # refuses an embedding-only checkpoint first
         prompt, sources = prepare_answer(
-            table_config, generator, args.question, config, image=args.image, where=args.where
+            table_config,
+            generator,
+            args.question,
+            config,
+            image=args.image,
+            where=args.where,
+            mode=args.mode,
         )
     except GenerationUnsupported as exc:
         print(f"answer: error: this table's model cannot answer: {exc}", file=sys.stderr)

@@ -110,3 +110,40 @@ def test_the_command_reports_a_missing_table_and_an_empty_question(tmp_path, tab
     assert "answer: error:" in capsys.readouterr().err
     assert main(["answer", "   ", "--table", table[0].uri]) == 2
     assert "question is empty" in capsys.readouterr().err
+
+
+def test_the_readme_answer_examples_run_as_written(tmp_path):
+    """The README's Answers section: its commands (after the backfill, whose table is written here the way
+    the backfill writes it, with the `tiny` model) and its Python example, in a fresh directory."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.embedder import Embedder
+
+    root = Path(__file__).resolve().parents[2]
+    section = (root / "README.md").read_text().split("## Answers (RAG)", 1)[1].split("\n## ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    python = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    commands = [line.split("  #")[0].strip() for line in bash.splitlines() if line.strip()]
+    assert commands[0] == "vlm-embed backfill"
+    write_table(str(tmp_path / "data" / "lancedb"), Embedder.load("tiny", device="cpu"), PASSAGES)
+    bin_dir = Path(sys.executable).parent
+    for command in commands[1:]:
+        result = subprocess.run(
+            f"{bin_dir}/{command}", shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=300
+        )
+        assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
+        assert sum(row_id in result.stdout for row_id in PASSAGES) >= 2, command  # its sources were printed
+    result = subprocess.run(
+        [sys.executable, "-c", python],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=os.environ,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(f"'{row_id}'" in result.stdout for row_id in PASSAGES) == 3  # top_k=3 sources
