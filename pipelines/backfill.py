@@ -241,7 +241,9 @@ def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, ke
                 f"table {table.name!r} has no column(s) {missing} to keep; "
                 "use mode: overwrite to rebuild it with them"
             )
-    errors = _open(db, table.errors_name) or db.create_table(table.errors_name, schema=errors_schema())
+    errors = _open(db, table.errors_name)
+    if errors is None:
+        errors = db.create_table(table.errors_name, schema=errors_schema())
     return vectors, errors, open_progress(db, table)
 
 
