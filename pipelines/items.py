@@ -1,7 +1,10 @@
 """Items: what a user asks to embed, checked and decoded, with a typed error for every way it can be bad.
 
 An item is a string (a text), or a dict with `text` and/or `image` (and, for recipes that take one, an
-`instruction`). An image is a PIL image, encoded bytes, or a file path. Every error names the item.
+`instruction`). An image is a PIL image, encoded bytes, or a file path. Every error names the item, and the
+item's key it is about (`ItemError.key`). `parse_item` is the one item validator: the backfill, the Python
+API and Serve (`serve.inputs`, which adds only what HTTP needs: length limits and inline base64 images, and
+reports `key` as the field, `input[2].text`) all check items with it.
 """
 
 from __future__ import annotations
@@ -18,18 +21,22 @@ ITEM_KEYS = frozenset({"text", "image", "instruction"})
 
 
 class ItemError(ValueError):
-    """An item that cannot be embedded. `kind` is a stable, machine-readable reason."""
+    """An item that cannot be embedded. `kind` is a stable, machine-readable reason; `key` the item's key the
+    error is about (`text`, `image`, `instruction`, an unknown key), None for the item as a whole (a string
+    item's error is about the item: it has no keys)."""
 
     kind = "invalid_item"
+    default_key: str | None = None
 
-    def __init__(self, message: str, index: int | None = None):
+    def __init__(self, message: str, index: int | None = None, key: str | None = None):
         self.index = index
         self.reason = message
+        self.key = key if key is not None else self.default_key
         super().__init__(f"item {index}: {message}" if index is not None else message)
 
     def at(self, index: int) -> ItemError:
         """The same error, naming the item's position."""
-        return type(self)(self.reason, index)
+        return type(self)(self.reason, index, self.key)
 
 
 class InvalidItemError(ItemError):
@@ -42,22 +49,27 @@ class UnknownKeysError(ItemError):
 
 class EmptyTextError(ItemError):
     kind = "empty_text"
+    default_key = "text"
 
 
 class ImageDecodeError(ItemError):
     kind = "image_decode"
+    default_key = "image"
 
 
 class ImageNotFoundError(ItemError):
     kind = "image_unreadable"
+    default_key = "image"
 
 
 class ImageTooLargeError(ItemError):
     kind = "image_too_large"
+    default_key = "image"
 
 
 class TooLongError(ItemError):
     kind = "too_long"
+    default_key = "text"
 
 
 class ForwardError(ItemError):
@@ -105,36 +117,62 @@ def parse_item(obj: Any, index: int | None = None) -> Item:
     if isinstance(obj, Item):
         return obj
     if isinstance(obj, str):
-        return Item(text=_check_text(obj, index))
+        return Item(text=_check_text(obj, index, None))
     if not isinstance(obj, dict):
         raise InvalidItemError(
-            f"expected a string or a dict with 'text' and/or 'image', got {type(obj).__name__}", index
+            f"expected a string or an object with 'text' and/or 'image', got {type_name(obj)}", index
         )
-    unknown = sorted(set(obj) - ITEM_KEYS)
+    unknown = sorted(set(obj) - ITEM_KEYS, key=str)
     if unknown:
-        raise UnknownKeysError(f"unknown keys {unknown}; an item may have {sorted(ITEM_KEYS)}", index)
+        raise UnknownKeysError(
+            f"unknown keys {unknown}; an item may have {sorted(ITEM_KEYS)}", index, str(unknown[0])
+        )
     text, image, instruction = obj.get("text"), obj.get("image"), obj.get("instruction")
     if text is None and image is None:
         raise InvalidItemError("needs 'text' or 'image' (both are missing or null)", index)
     if text is not None:
         if not isinstance(text, str):
-            raise InvalidItemError(f"'text' must be a string, got {type(text).__name__}", index)
-        text = _check_text(text, index)
+            raise InvalidItemError(f"'text' must be a string, got {type_name(text)}", index, "text")
+        text = _check_text(text, index, "text")
     if image is not None and not _is_image_source(image):
         raise InvalidItemError(
-            f"'image' must be a PIL image, encoded bytes or a file path, got {type(image).__name__}", index
+            f"'image' must be a PIL image, encoded bytes or a file path, got {type_name(image)}",
+            index,
+            "image",
         )
-    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise InvalidItemError("'instruction' must be a non-empty string", index)
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise InvalidItemError(
+                f"'instruction' must be a string, got {type_name(instruction)}", index, "instruction"
+            )
+        _check_text(instruction, index, "instruction")
     return Item(text=text, image=image, instruction=instruction)
 
 
-def _check_text(text: str, index: int | None) -> str:
+def _check_text(text: str, index: int | None, key: str | None) -> str:
+    what = key or "text"
     if not text.strip():
-        raise EmptyTextError("text is empty or only whitespace", index)
+        raise EmptyTextError(f"{what} is empty or only whitespace", index, key)
     if "\x00" in text:
-        raise InvalidItemError("text contains a NUL character", index)
+        raise InvalidItemError(f"{what} contains a NUL character", index, key)
     return text
+
+
+def type_name(value: Any) -> str:
+    """A value's type in words, by its JSON name where it has one (items often come from JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def _is_image_source(image: Any) -> bool:

@@ -91,7 +91,7 @@ class RerankPreparer:
         item = parse_item(value, index)
         if item.instruction is not None:
             raise InvalidItemError(
-                f"a {role} takes no 'instruction'; the instruction belongs to the pair", index
+                f"a {role} takes no 'instruction'; the instruction belongs to the pair", index, "instruction"
             )
         if item.image is None:
             return _Side(item, None, None)

@@ -88,12 +88,10 @@ def overloaded(message: str, retry_after_s: int) -> ApiError:
     return ApiError(503, message, code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
-_IMAGE_ERRORS = {"image_decode", "image_unreadable", "image_too_large"}
-
-
 def item_error(exc: Any, field: str, item: Any) -> ApiError:
-    """A 422 for an `ItemError` of the input named `field` (`input[2]`), pointing at its image or its text."""
-    key = "image" if exc.kind in _IMAGE_ERRORS else ("text" if isinstance(item, dict) else None)
+    """A 422 for an `ItemError` of the input named `field` (`input[2]`), pointing at the key it is about
+    (`ItemError.key`: `input[2].image`); a string input's error is about the input itself."""
+    key = exc.key if isinstance(item, dict) or not field else None
     param = (f"{field}.{key}" if field else key) if key else (field or "body")
     return ApiError(422, f"{field or key}: {exc.reason}", param=param, code=exc.kind)
 

@@ -1,8 +1,10 @@
 """What a client may send as inputs, checked against the limits before anything is decoded or tokenized.
 
-An input is a string or an item `{"text": ..., "image": ..., "instruction": ...}`. Images are accepted
-inline only, as base64 or a `data:` URL, and handed to the embedder as bytes: the server never opens a path
-or fetches a URL named by a client. Every refusal names the field (`input[2].image`).
+An input is a string or an item `{"text": ..., "image": ..., "instruction": ...}`; its shape is checked by
+`pipelines.items.parse_item`, the one item validator, whose errors name the key reported here as the field.
+What only HTTP adds is checked here: the length limits, and images accepted inline only, as base64 or a
+`data:` URL, handed to the embedder as bytes: the server never opens a path or fetches a URL named by a
+client. Every refusal names the field (`input[2].image`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from serve.errors import ApiError
+from pipelines.items import ITEM_KEYS, ItemError, type_name
+from pipelines.items import parse_item as check_item
+from serve.errors import ApiError, item_error
 
-ITEM_KEYS = ("text", "image", "instruction")
+__all__ = [
+    "ITEM_KEYS",
+    "InputLimits",
+    "check_text",
+    "decode_image",
+    "json_type",
+    "parse_inputs",
+    "parse_item",
+]
+json_type = type_name  # the JSON name of a value's type, for messages
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.DOTALL)
 _PATH_PREFIXES = ("/", "./", "../", "~", "\\")
@@ -67,40 +80,22 @@ def parse_item(value: Any, limits: InputLimits, field: str) -> str | dict[str, A
     `field` names the input in messages (`input[2]`); an empty `field` means the item's keys are the
     request's own top-level fields (as in /search).
     """
+    # an image's own checks are HTTP's (inline base64, `decode_image`): the shape check sees a placeholder
+    probe = {**value, "image": b"\0"} if isinstance(value, dict) and value.get("image") is not None else value
+    try:
+        check_item(probe)
+    except ItemError as exc:
+        if not field and exc.key is None:  # /search: the request's fields are the item's
+            exc.key = "text"
+        raise item_error(exc, field, value) from exc
     if isinstance(value, str):
         return check_text(value, limits, field or "text")
-    if not isinstance(value, dict):
-        raise ApiError(
-            422,
-            f"{field} must be a string or an object with 'text' and/or 'image', got {json_type(value)}",
-            param=field,
-            code="invalid_type",
-        )
-    unknown = sorted(set(value) - set(ITEM_KEYS))
-    if unknown:
-        raise ApiError(
-            422,
-            f"{field} has unknown keys {unknown}; an item may have {list(ITEM_KEYS)}",
-            param=join_field(field, unknown[0]),
-            code="unknown_keys",
-        )
     item: dict[str, Any] = {}
     for key in ("text", "instruction"):
         if value.get(key) is not None:
-            name = join_field(field, key)
-            if not isinstance(value[key], str):
-                raise ApiError(
-                    422,
-                    f"{name} must be a string, got {json_type(value[key])}",
-                    param=name,
-                    code="invalid_type",
-                )
-            item[key] = check_text(value[key], limits, name)
+            item[key] = check_text(value[key], limits, join_field(field, key))
     if value.get("image") is not None:
         item["image"] = decode_image(value["image"], join_field(field, "image"))
-    if "text" not in item and "image" not in item:
-        where = field or "the request"
-        raise ApiError(422, f"{where} needs 'text' or 'image'", param=field or "text", code="invalid_item")
     return item
 
 
@@ -172,20 +167,3 @@ def _is_token_ids(value: Any) -> bool:
     if isinstance(value, list):
         return bool(value) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__

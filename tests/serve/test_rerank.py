@@ -93,7 +93,7 @@ def test_the_instruction_changes_the_scores_as_the_official_code_does(rerank_app
         ({"query": QUERY, "documents": ["x"] * 17}, 413, "documents"),
         ({"documents": ["x"]}, 422, "query"),
         ({"query": {"image": "bm90"}, "documents": ["x"]}, 422, "query.image"),
-        ({"query": QUERY, "documents": [{"text": "x", "instruction": "y"}]}, 422, "documents[0].text"),
+        ({"query": QUERY, "documents": [{"text": "x", "instruction": "y"}]}, 422, "documents[0].instruction"),
         ({"query": QUERY, "documents": ["x"], "top_n": 0}, 422, "top_n"),
         ({"query": QUERY, "documents": ["x"], "model": "other"}, 404, "model"),
     ],
