@@ -368,36 +368,6 @@ class AnswerConfig(StrictModel):
     )
 
 
-DEFAULT_ANSWER_SYSTEM_PROMPT = (
-    "Answer the user's question from the numbered context passages and images retrieved from their "
-    "collection, citing them as [1], [2], ... Say so when the context does not hold the answer."
-)
-
-
-class AnswerConfig(StrictModel):
-    """Answers from the embedder's own model (Instruct checkpoints): `vlm-embed answer`, and Serve's
-    POST /v1/chat/completions when the config has an `answer:` section."""
-
-    top_k: int = Field(default=5, ge=1, description="Rows retrieved from the table and put into the prompt.")
-    max_new_tokens: int = Field(
-        default=256, ge=1, description="Most tokens of an answer (Serve: when a request names no max_tokens)."
-    )
-    max_new_tokens_limit: int = Field(
-        default=2048, ge=1, description="Serve: the most max_tokens a request may ask for (422 above)."
-    )
-    temperature: float | None = Field(
-        default=None, ge=0, description="0: greedy; default: the checkpoint's own generation config."
-    )
-    system_prompt: str = Field(
-        default=DEFAULT_ANSWER_SYSTEM_PROMPT,
-        min_length=1,
-        description="The system message of the prompt (a request's own system message replaces it).",
-    )
-    max_context_chars: int = Field(
-        default=4000, ge=1, description="Each retrieved text is cut to this many characters in the prompt."
-    )
-
-
 SourceKind = Literal["jsonl", "parquet", "csv", "images"]
 KeptType = Literal["string", "int64", "float64", "bool"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
