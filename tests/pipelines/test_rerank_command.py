@@ -51,7 +51,9 @@ def test_a_documents_file_with_ids_images_and_bad_lines(tiny_reranker_dir, reran
     best = sorted(expected, key=lambda i: -expected[i])[:2]
     assert [r["index"] for r in records] == best and [r["rank"] for r in records] == [1, 2]
     assert [r["score"] for r in records] == pytest.approx([expected[i] for i in best], abs=1e-5)
-    assert {r["index"]: r.get("id") for r in records} == {i: {0: "doc-a", 2: "doc-b", 4: None}[i] for i in best}
+    assert {r["index"]: r.get("id") for r in records} == {
+        i: {0: "doc-a", 2: "doc-b", 4: None}[i] for i in best
+    }
 
 
 def test_no_query_or_no_documents_is_a_usage_error(capsys):
