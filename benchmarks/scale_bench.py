@@ -50,7 +50,7 @@ IMAGE_COUNT = 16
 IMAGE_SIDE = 64
 MIN_WORDS, MAX_WORDS = 4, 24
 REPO = Path(__file__).resolve().parents[1]
-STARTS = 4  # attempts at starting the local cluster
+STARTS = 8  # attempts at starting the local cluster
 COLUMNS = (
     "design",
     "rows",
@@ -281,11 +281,11 @@ class LocalCluster:
         self._local_sh("down")  # a cluster left by an interrupted run of ours
         began = time.perf_counter()
         for attempt in range(1, STARTS + 1):
-            out = self._local_sh("up", str(self.nodes - 1))
+            out = self._up()
             if out.returncode == 0:
                 break
             self._local_sh("down")
-            # Ray gives a raylet 30 s to register, which a loaded machine can miss: try again
+            # a loaded machine can miss Ray's start-up deadlines (30 s for a raylet to register): try again
             self.log(f"scale_bench: cluster start {attempt} of {STARTS} failed: {out.stderr.strip()[-300:]}")
         else:
             raise RuntimeError(f"cluster/local.sh up failed {STARTS} times: {out.stderr[-2000:]}")
@@ -297,6 +297,39 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self._local_sh("down")
+
+    def _up(self) -> subprocess.CompletedProcess:
+        """`local.sh up`, given up as soon as a node's `ray start` has died (local.sh itself would wait for it
+        for 5 minutes)."""
+        command = ["bash", str(self.script), "up", str(self.nodes - 1)]
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=err, text=True)
+            deadline = time.monotonic() + 600
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(2)
+                if self._a_node_died():
+                    break
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+                returncode = 1
+            else:
+                returncode = process.returncode
+            out.seek(0)
+            err.seek(0)
+            error = err.read() or "".join(self._node_log_tails())
+            return subprocess.CompletedProcess(command, returncode, out.read(), error)
+
+    def _a_node_died(self) -> bool:
+        for pidfile in self.directory.glob("*.pid"):
+            try:
+                os.kill(int(pidfile.read_text().strip()), 0)
+            except (OSError, ValueError):
+                return True
+        return False
+
+    def _node_log_tails(self) -> list[str]:
+        return [log.read_text(errors="replace")[-300:] for log in sorted(self.directory.glob("*.log"))]
 
     def _local_sh(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
