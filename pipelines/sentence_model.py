@@ -106,10 +106,13 @@ class SentencePreparer:
             raise UnsupportedModalityError(
                 f"the {BACKEND} backend ({self.config.model}) embeds texts only; this item has an image",
                 index,
+                "image",
             )
         if parsed.instruction is not None:
             raise UnsupportedModalityError(
-                f"the {BACKEND} backend takes no per-item instruction (the model's own prompts apply)", index
+                f"the {BACKEND} backend takes no per-item instruction (the model's own prompts apply)",
+                index,
+                "instruction",
             )
         prompt = self.query_prompt if query else self.document_prompt
         features = self.model.preprocess([parsed.text], prompt=prompt)
