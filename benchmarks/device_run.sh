@@ -15,7 +15,9 @@ elapsed() { echo $(( $(date +%s) - began )); }
 # RERANK_ARGS (the reranker's bench, benchmarks/rerank_bench.py, e.g. "--shape 2b"; SKIP_BENCH-free sessions),
 # SKIP_INSTALL=1 (use what is installed: a dry run elsewhere), SKIP_BENCH=1 (only stage what device_ray.sh
 # needs: a Serve-only session is SKIP_BENCH=1 here, then device_ray.sh in the next call).
-BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed --variant packed+compile --passes 3"}
+# The default compares the two packed engines, compiled, in one run: hooks (the default engine, the model's own
+# layers through AttentionInterface) against legacy (the engine README's figures were measured with).
+BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed+compile --variant legacy:packed+compile --passes 3"}
 BENCH_DEADLINE=${BENCH_DEADLINE:-270}
 if [ -d .devwheels/q1 ]; then  # the first half of the Ray pack: device_ray.sh picks it up in the next call
   mkdir -p /tmp/rk && cp .devwheels/q1/part.* /tmp/rk/
