@@ -28,11 +28,7 @@ from pipelines.loading import (
     ModelLoadError,
     base_model_of,
     check_compatible,
-    load_base_model,
-    load_processor_parts,
-    resolve_device,
-    resolve_dtype,
-    resolve_model_source,
+    load_checkpoint,
     split_processor,
 )
 from pipelines.prepare import PreparedItem, Preparer
@@ -97,17 +93,7 @@ class Embedder:
 
     @classmethod
     def from_config(cls, config: EmbedderConfig) -> Embedder:
-        source = resolve_model_source(config.model)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        base = load_base_model(
-            source,
-            dtype=dtype,
-            device=device,
-            attn_implementation=config.attn_implementation,
-            quantization=config.quantization,
-        )
-        tokenizer, image_processor = load_processor_parts(source)
+        base, tokenizer, image_processor = load_checkpoint(config)
         return cls(base, tokenizer, image_processor=image_processor, config=config)
 
     # -- properties -------------------------------------------------------------------------------------

@@ -178,26 +178,10 @@ class Generator:
 
     @classmethod
     def from_config(cls, config: EmbedderConfig) -> Generator:
-        from pipelines.loading import (
-            load_model,
-            load_processor_parts,
-            resolve_device,
-            resolve_dtype,
-            resolve_model_source,
-        )
+        from pipelines.loading import load_checkpoint
 
         check_can_generate(config)  # before anything is loaded
-        source = resolve_model_source(config.model)
-        device = resolve_device(config.device)
-        model = load_model(
-            source,
-            dtype=resolve_dtype(config.dtype, device),
-            device=device,
-            attn_implementation=config.attn_implementation,
-            quantization=config.quantization,
-            lm_head=True,
-        )
-        tokenizer, image_processor = load_processor_parts(source)
+        model, tokenizer, image_processor = load_checkpoint(config, lm_head=True)
         return cls(model, tokenizer, image_processor, config)
 
     @property

@@ -107,6 +107,23 @@ def base_model_of(model: Any):
     )
 
 
+def load_checkpoint(options: Any, *, lm_head: bool = False) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image processor) of the checkpoint `options` (an `EmbedderConfig` or a
+    `RerankerConfig`) names, on its device and dtype: the base model, or with `lm_head` the generation class.
+    The one loading path of the embedder, the reranker and the generator."""
+    source = resolve_model_source(options.model)
+    device = resolve_device(options.device)
+    kwargs = {
+        "dtype": resolve_dtype(options.dtype, device),
+        "device": device,
+        "attn_implementation": options.attn_implementation,
+        "quantization": options.quantization,
+    }
+    model = load_model(source, **kwargs, lm_head=True) if lm_head else load_base_model(source, **kwargs)
+    tokenizer, image_processor = load_processor_parts(source)
+    return model, tokenizer, image_processor
+
+
 def load_base_model(source: str, *, dtype, device: str, attn_implementation: str, quantization: str):
     """`AutoModel.from_pretrained` on a hub id or directory: the base model in eval mode, no gradients."""
     model = load_model(

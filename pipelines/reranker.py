@@ -235,25 +235,9 @@ class Reranker:
 
     @classmethod
     def from_config(cls, config: RerankerConfig) -> Reranker:
-        from pipelines.loading import (
-            load_model,
-            load_processor_parts,
-            resolve_device,
-            resolve_dtype,
-            resolve_model_source,
-        )
+        from pipelines.loading import load_checkpoint
 
-        source = resolve_model_source(config.model)
-        device = resolve_device(config.device)
-        model = load_model(
-            source,
-            dtype=resolve_dtype(config.dtype, device),
-            device=device,
-            attn_implementation=config.attn_implementation,
-            quantization=config.quantization,
-            lm_head=True,
-        )
-        tokenizer, image_processor = load_processor_parts(source)
+        model, tokenizer, image_processor = load_checkpoint(config, lm_head=True)
         # the generation wrapper and its LM head go once this returns: only the two rows are kept
         return cls(model, tokenizer, image_processor=image_processor, config=config)
 
