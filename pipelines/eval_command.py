@@ -180,6 +180,7 @@ def table_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[float | None]
     rows.append(("latency p50 ms", [r.get("latency_ms", {}).get("p50") for r in runs]))
     rows.append(("latency p95 ms", [r.get("latency_ms", {}).get("p95") for r in runs]))
     rows.append(("bytes/vector", [r.get("bytes_per_vector") for r in runs]))
+    rows.append(("dimensions", [r.get("vector_dimension") for r in runs]))
     return rows
 
 
@@ -217,7 +218,7 @@ def format_runs(runs: list[dict[str, Any]]) -> str:
 def _cell(name: str, value: float | None) -> str:
     if value is None:
         return "-"
-    if name == "bytes/vector":
+    if name in ("bytes/vector", "dimensions"):
         return f"{int(value)}"
     return f"{value:.1f}" if "ms" in name else f"{value:.4f}"
 
@@ -226,7 +227,7 @@ def _delta(name: str, value: float | None, base: float | None) -> str:
     if value is None or base is None:
         return "-"
     diff = value - base
-    if name == "bytes/vector":
+    if name in ("bytes/vector", "dimensions"):
         return f"{int(diff):+d}"
     return f"{diff:+.1f}" if "ms" in name else f"{diff:+.4f}"
 

@@ -84,13 +84,14 @@ def evaluate(
     signature = metadata.get("signature", {})
     return {
         "format": REPORT_FORMAT,
-        "label": label or _default_label(signature, mode, search_options),
+        "label": label or _default_label(signature, mode, search_options, metadata),
         "table": {"uri": table_config.uri, "name": table_config.name, "rows": len(corpus_ids)},
         "mode": mode,
         "search_options": {k: v for k, v in search_options.items() if _jsonable(v)},
         "embedder": signature,
         "dimension": metadata.get("dimension"),
         "bytes_per_vector": bytes_per_vector(table),
+        **vector_cost(table, metadata),
         "queries": len(queries),
         "metrics": metrics,
         "random": random_baseline(corpus_ids, queries, baseline_seeds),
@@ -171,6 +172,21 @@ def bytes_per_vector(table) -> int | None:
     return None
 
 
+def vector_cost(table, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What the stored vectors are (`vlm-embed reduce`): `storage` (float32, float16 or int8),
+    `vector_dimension` (the stored size; `dimension` is what the embedder computes before a PCA) and
+    `reduction` (pca, matryoshka, none; None for a table as the backfill wrote it). An int8 table also stores
+    one float32 scale per dimension for the whole table, not per vector."""
+    from pipelines.storage import recorded_storage
+
+    kind = table.schema.field("vector").type if "vector" in table.schema.names else None
+    return {
+        "storage": recorded_storage(metadata)[0],
+        "vector_dimension": getattr(kind, "list_size", None),
+        "reduction": (metadata.get("reduction") or {}).get("method"),
+    }
+
+
 def _search_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options for `search`: `mode` is passed only where `search` takes it (it always does once hybrid
     search is in; a vector search needs no mode before that)."""
@@ -183,11 +199,19 @@ def _search_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
-def _default_label(signature: dict[str, Any], mode: str, options: dict[str, Any]) -> str:
+def _default_label(
+    signature: dict[str, Any], mode: str, options: dict[str, Any], metadata: dict[str, Any] | None = None
+) -> str:
+    metadata = metadata or {}
     model = "/".join(Path(str(signature.get("model", "?"))).parts[-2:])
     parts = [model, mode]
     if signature.get("dimensions"):
         parts.append(f"{signature['dimensions']}d")
+    reduction, storage = (metadata.get("reduction") or {}), metadata.get("storage") or {}
+    if reduction.get("method") == "pca":
+        parts.append(f"pca{reduction['dimensions']}")
+    if storage.get("type", "float32") != "float32":
+        parts.append(storage["type"])
     parts += [
         f"{k}={v}" for k, v in sorted(options.items()) if _jsonable(v) and not isinstance(v, dict | list)
     ]
