@@ -152,8 +152,8 @@ def test_kill_9_of_the_whole_cluster_at_random_points_then_a_rerun_has_every_row
 def test_kill_9_of_an_embedding_worker_mid_run_loses_no_row_and_repeats_none(
     tmp_path, tiny_model_dir, ray_session
 ):
+    import psutil
     import ray
-    from ray.util.state import list_actors
 
     rows = corpus_rows(300)
     (tmp_path / "docs.jsonl").write_bytes(jsonl(rows))
@@ -166,14 +166,16 @@ def test_kill_9_of_an_embedding_worker_mid_run_loses_no_row_and_repeats_none(
     killed: list[int] = []
 
     def kill_a_worker() -> None:
+        """kill -9 of the embedding actor's process, found among this test's own Ray processes."""
         deadline = time.monotonic() + 300
         time.sleep(delay)
         while time.monotonic() < deadline and not killed:
-            for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-                if "EmbedActor" in actor.class_name and actor.pid:
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed.append(actor.pid)
-                    return
+            for process in psutil.Process(os.getpid()).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "EmbedActor" in " ".join(process.cmdline()):
+                        os.kill(process.pid, signal.SIGKILL)
+                        killed.append(process.pid)
+                        return
             time.sleep(0.5)
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
