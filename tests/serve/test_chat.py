@@ -186,3 +186,22 @@ def test_a_server_without_an_answer_section_says_how_to_turn_it_on(client):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "chat_not_enabled" and "answer:" in error["message"]
+
+
+def test_the_readme_openai_example_streams_an_answer(chat_app, tiny_model_dir, capsys):
+    """The README's Answers section's client example, pointed at this server (URL, key, model name)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Answers (RAG)", 1)[1].split("\n## ", 1)[0]
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "OpenAI(" in b]
+    for written, here in [
+        ("http://127.0.0.1:8000", chat_app),
+        ('api_key="none"', f'api_key="{API_KEY}"'),
+        ('model="tiny"', f'model="{tiny_model_dir}"'),
+    ]:
+        assert written in code
+        code = code.replace(written, here)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()  # the streamed answer was printed
