@@ -54,6 +54,7 @@ def test_the_first_embedded_batch_is_the_earliest_trace_line_of_the_pass(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.timeout(1800)  # a loaded machine may need several tries to start the cluster
 def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["--rows", "300", "--nodes", "1", "--new-rows", "40", "--workdir", str(tmp_path / "w")]
