@@ -416,7 +416,6 @@ class SourceConfig(StrictModel):
         "allow_http; default: the store's usual environment variables and files.",
     )
 
-
     @model_validator(mode="after")
     def _check(self) -> Self:
         undeclared = sorted(set(self.keep_types) - set(self.keep_columns))
@@ -635,11 +634,6 @@ class Config(StrictModel):
         default=None,
         description="A second stage for search: when set, Serve deploys it (POST /rerank, /search with "
         "rerank: true).",
-    )
-    answer: AnswerConfig | None = Field(
-        default=None,
-        description="Answers from the embedder's own model (Instruct checkpoints): when set, Serve answers "
-        "POST /v1/chat/completions from the table, with the weights the embedder uses (no second copy).",
     )
     answer: AnswerConfig | None = Field(
         default=None,
