@@ -365,7 +365,7 @@ def _add_answer(commands) -> None:
     from pipelines.answer_command import DESCRIPTION as ANSWER
     from pipelines.answer_command import add_answer_arguments
 
-    p = _subparser(commands, "answer", "answer a question from a table with the same (Instruct) model", ANSWER)
+    p = _subparser(commands, "answer", "answer a question from a table with the same model", ANSWER)
     add_answer_arguments(p)
     p.set_defaults(handler=_run_answer)
 
