@@ -100,11 +100,11 @@ class Embedder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.language_model.embed_tokens.weight.device
+        return self.engine.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.language_model.embed_tokens.weight.dtype
+        return self.engine.dtype
 
     def get_embedding_dimension(self) -> int:
         return self.config.dimensions or self.model.config.text_config.hidden_size

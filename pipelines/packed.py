@@ -179,11 +179,21 @@ class PackedEngine:
     def run_full_steps(self, step_tokens: int, image_side: int | None = None) -> int:
         return warming.run_full_steps(self, step_tokens, image_side)
 
-    def _check_image_tokens(self, batch: PackedBatch) -> None:
+    def _embeddings(self, batch: PackedBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The token embeddings `[T, D]` with the image features scattered in, and the deepstack features."""
+        embeds = self.model.language_model.embed_tokens(batch.input_ids)
+        if batch.pixel_values is None:
+            return embeds, []
         merge = self.model.visual.spatial_merge_size
         expected = int((batch.image_grid_thw.prod(-1) // merge**2).sum())
         if batch.image_positions.shape[0] != expected:
             raise ValueError(f"{batch.image_positions.shape[0]} image tokens but {expected} image features")
+        merged, deepstack = self._image_features(batch)
+        embeds = embeds.index_copy(0, batch.image_positions, merged.to(embeds.dtype))
+        return embeds, [d.to(embeds.dtype) for d in deepstack]
+
+    def _image_features(self, batch: PackedBatch):
+        raise NotImplementedError
 
     def _model_image_features(self, batch: PackedBatch):
         """The model's own tower (per-image attention): a transformers version without the vision helpers."""
@@ -208,10 +218,7 @@ class PackedForward(PackedEngine):
     def hidden_states(self, batch: PackedBatch, segments: Segments) -> torch.Tensor:
         """`hidden_states[layer]` for every packed token, `[T, D]` (see `pipelines.forward`)."""
         language_model = self.model.language_model
-        embeds = language_model.embed_tokens(batch.input_ids)
-        deepstack = []
-        if batch.pixel_values is not None:
-            embeds, deepstack = self._scatter_image_features(batch, embeds)
+        embeds, deepstack = self._embeddings(batch)
         if self.layer == 0:
             return embeds
         hidden = embeds.unsqueeze(0)  # the model's layers take [batch, tokens, D]: one row
@@ -236,11 +243,7 @@ class PackedForward(PackedEngine):
 
         return decoder_states(language_model, hidden, self.layer, deepstack, run_layer, add_deepstack)[0]
 
-    def _scatter_image_features(self, batch: PackedBatch, embeds: torch.Tensor):
-        self._check_image_tokens(batch)
-        if self.vision is not None:
-            merged, deepstack = self.vision.features(batch.pixel_values, batch.image_grid_thw)
-        else:
-            merged, deepstack = self._model_image_features(batch)
-        embeds = embeds.index_copy(0, batch.image_positions, merged.to(embeds.dtype))
-        return embeds, [d.to(embeds.dtype) for d in deepstack]
+    def _image_features(self, batch: PackedBatch):
+        if self.vision is None:
+            return self._model_image_features(batch)
+        return self.vision.features(batch.pixel_values, batch.image_grid_thw)

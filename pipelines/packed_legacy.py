@@ -88,10 +88,7 @@ class LegacyPackedForward(PackedEngine):
     def hidden_states(self, batch: PackedBatch, segments: Segments) -> torch.Tensor:
         """`hidden_states[layer]` for every packed token, `[T, D]` (see `pipelines.forward`)."""
         language_model = self.model.language_model
-        embeds = language_model.embed_tokens(batch.input_ids)
-        deepstack = []
-        if batch.pixel_values is not None:
-            embeds, deepstack = self._scatter_image_features(batch, embeds)
+        embeds, deepstack = self._embeddings(batch)
         if self.layer == 0:
             return embeds
         cos, sin = language_model.rotary_emb(embeds.unsqueeze(0), batch.position_ids.unsqueeze(1))
@@ -111,20 +108,14 @@ class LegacyPackedForward(PackedEngine):
 
         return decoder_states(language_model, embeds, self.layer, deepstack, run_layer, add_deepstack)
 
-    def _scatter_image_features(self, batch: PackedBatch, embeds: torch.Tensor):
-        self._check_image_tokens(batch)
-        if self._vision is not None:
+    def _image_features(self, batch: PackedBatch):
+        if self._vision is None:
+            return self._model_image_features(batch)
 
-            def run(pixels, grid):
-                return self._vision.run(self, pixels, grid)
+        def run(pixels, grid):
+            return self._vision.run(self, pixels, grid)
 
-            merged, deepstack = in_groups(
-                run, batch.pixel_values, batch.image_grid_thw, self.patches_per_call
-            )
-        else:
-            merged, deepstack = self._model_image_features(batch)
-        embeds = embeds.index_copy(0, batch.image_positions, merged.to(embeds.dtype))
-        return embeds, [d.to(embeds.dtype) for d in deepstack]
+        return in_groups(run, batch.pixel_values, batch.image_grid_thw, self.patches_per_call)
 
 
 class _VisionPreamble:
