@@ -34,6 +34,7 @@ RUNTIME_OPTIONS = (
     "compile",
     "padding_side",
     "max_image_pixels",
+    "engine",
 )
 
 
