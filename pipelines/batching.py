@@ -6,9 +6,8 @@ Pure Python over lengths; nothing here knows about models or Ray.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
-Layout = Literal["padded", "packed"]
+from pipelines.config import AttentionLayout as Layout
 
 
 def plan_batches(

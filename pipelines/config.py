@@ -31,7 +31,8 @@ AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AttentionLayout = Literal["padded", "packed"]
 AttentionLayoutChoice = Literal["auto", "padded", "packed"]
 Engine = Literal["hooks", "legacy"]
-VarlenAttention = Literal["auto", "flash", "flex", "sdpa"]
+VarlenKernel = Literal["flash", "flex", "sdpa"]  # what `auto` resolves to (pipelines.varlen)
+VarlenAttention = Literal["auto", VarlenKernel]
 Backend = Literal["transformers", "sentence-transformers", "stand-in"]
 
 TINY_MODEL = "tiny"

@@ -10,12 +10,14 @@ read. `pool_packed`: `hidden` is `[tokens, dim]`, sequences laid end to end with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from pipelines.recipes import Pooling
 
 if TYPE_CHECKING:
     import torch
 
-POOLING_MODES = ("mean", "cls", "max", "last")
+POOLING_MODES: tuple[str, ...] = get_args(Pooling)
 
 
 def first_token_index(mask: torch.Tensor) -> torch.Tensor:

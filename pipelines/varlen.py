@@ -27,14 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["flash", "flex", "sdpa"]
-BackendChoice = Literal["auto", "flash", "flex", "sdpa"]
-BACKENDS = ("flash", "flex", "sdpa")
+from pipelines.config import VarlenAttention as BackendChoice
+from pipelines.config import VarlenKernel as Backend
+
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
