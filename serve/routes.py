@@ -120,9 +120,14 @@ def build_api(service) -> FastAPI:
         candidates = rerank_candidates(req) if req.rerank else req.top_k
         plan = await asyncio.to_thread(service.search_table.plan)
         service.search_table.check_filter(plan, req.filter)
-        vectors, tokens = await service.embed([item], [""], query=True)
-        vector = matryoshka(vectors, plan.dimension, service.normalize)[0]
-        rows = await asyncio.to_thread(service.search_table.search, plan, vector, candidates, req.filter)
+        service.search_table.check_mode(plan, req.mode, req.text, req.image)
+        vector, tokens = None, 0
+        if req.mode != "text":  # a full-text search embeds nothing
+            vectors, tokens = await service.embed([item], [""], query=True)
+            vector = matryoshka(vectors, plan.dimension, service.normalize)[0]
+        rows = await asyncio.to_thread(
+            service.search_table.search, plan, vector, candidates, req.filter, req.mode, req.text
+        )
         if req.rerank:
             rows, rerank_tokens = await rerank_rows(item, rows, req)
             tokens += rerank_tokens

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 EncodingFormat = Literal["float", "base64"]
 InputType = Literal["document", "query"]
+SearchMode = Literal["vector", "text", "hybrid"]  # pipelines.table_query.SEARCH_MODES
 
 
 class _Request(BaseModel):
@@ -46,6 +47,12 @@ class SearchRequest(_Request):
         description="The query's instruction instead of the table's query instruction (qwen3-vl-embedding).",
     )
     top_k: StrictInt = Field(default=10, ge=1, description="How many rows to return.")
+    mode: SearchMode = Field(
+        default="vector",
+        description="vector: cosine similarity of the embedded query; text: the table's full-text index on "
+        "text only (BM25 score, nothing embedded; needs text and takes no image); hybrid: both, fused by "
+        "LanceDB's reciprocal rank fusion (score: the fused relevance, vector_score: the cosine; needs text).",
+    )
     filter: StrictStr | None = Field(
         default=None,
         max_length=4096,

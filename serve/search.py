@@ -3,7 +3,10 @@
 The table records the embedder configuration it was built with (`pipelines.table`). A query is embedded by
 the replica's embedder and, when the table was built at a smaller Matryoshka dimension of the same
 configuration, truncated (and re-normalised) to it, which is exactly what that configuration computes.
-Anything else that differs is refused (409) with the differences named. The table is reopened for every
+Anything else that differs is refused (409) with the differences named. A table made by `vlm-embed reduce`
+gets the query projected with its stored PCA, whatever its storage type, in `pipelines.table_query`, as every
+other search path does; `mode` text and hybrid use the table's full-text index (LanceDB's hybrid query).
+The table is reopened for every
 query (a few milliseconds), so rows a backfill adds are seen at once.
 """
 
@@ -78,14 +81,35 @@ class SearchTable:
             raise ApiError(422, str(exc), param="filter", code="invalid_filter") from exc
 
     @staticmethod
-    def search(plan: QueryPlan, vector, top_k: int, where: str | None) -> list[dict[str, Any]]:
-        """The `top_k` nearest rows (id, score, text, modality, image_uri); a bad filter is a 422: one that is
-        not exactly one condition on the table's columns (`pipelines.filters`), or one LanceDB refuses."""
+    def check_mode(plan: QueryPlan, mode: str, text: str | None, image: str | None) -> None:
+        """422 for a query the mode cannot run (text without a text, text with an image, no full-text index),
+        before the query is embedded."""
+        from pipelines.table_query import SearchModeError, check_mode, has_text_index
+
+        try:
+            check_mode(mode, text, image)
+        except SearchModeError as exc:
+            raise ApiError(422, str(exc), param="mode", code="invalid_value") from exc
+        if mode != "vector" and not has_text_index(plan.table):
+            raise ApiError(
+                422,
+                f"table {plan.table.name!r} has no full-text index on 'text', which mode {mode!r} needs",
+                param="mode",
+                code="invalid_value",
+            )
+
+    @staticmethod
+    def search(
+        plan: QueryPlan, vector, top_k: int, where: str | None, mode: str = "vector", text: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The `top_k` best rows (id, score, text, modality, image_uri) for the mode; a reduced table's query is
+        projected with its PCA (`pipelines.table_query`). A bad filter is a 422: one that is not exactly one
+        condition on the table's columns (`pipelines.filters`), or one LanceDB refuses."""
         from pipelines.filters import FilterError
         from pipelines.table import search_table
 
         try:
-            return search_table(plan.table, vector, top_k=top_k, where=where)
+            return search_table(plan.table, vector, top_k=top_k, where=where, mode=mode, text=text)
         except FilterError as exc:
             raise ApiError(422, str(exc), param="filter", code="invalid_filter") from exc
         except ValueError as exc:
