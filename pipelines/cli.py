@@ -219,11 +219,22 @@ def _run_demo(args) -> int:
     from pipelines.sample import sample_items
 
     config = config_from_flags(args, EmbedderConfig)
+    if config.backend == "stand-in":
+        raise CliError(
+            "backend 'stand-in' is a pipeline-benchmark stand-in: its vectors mean nothing to show"
+        )
     embedder = load_embedder(config)
     labels, items = zip(*sample_items(), strict=True)
-    vectors = embedder.embed_batch(list(items))
+    result = embedder.try_embed_batch(list(items))
+    for error in result.errors:  # e.g. the images, for a text-only backend
+        print(f"skipped {labels[error.index]}: {error.reason}", file=sys.stderr)
+    labels, vectors = [labels[i] for i in result.indices], result.vectors
     print(f"{embedder}")
-    print(f"embedded {len(items)} sample items -> vectors of shape {vectors.shape}, dtype {vectors.dtype}")
+    print(
+        f"embedded {len(labels)} of {len(items)} sample items -> vectors of shape {vectors.shape}, dtype {vectors.dtype}"
+    )
+    if not labels:
+        return EXIT_ITEM_ERRORS
     similarity = vectors @ vectors.T
     width = max(len(label) for label in labels)
     print("cosine similarity:")
@@ -332,7 +343,9 @@ def _add_eval(commands) -> None:
     from pipelines.eval_command import DESCRIPTION as EVAL
     from pipelines.eval_command import add_eval_arguments
 
-    p = _subparser(commands, "eval", "measure retrieval quality on labelled queries (recall, MRR, nDCG)", EVAL)
+    p = _subparser(
+        commands, "eval", "measure retrieval quality on labelled queries (recall, MRR, nDCG)", EVAL
+    )
     add_eval_arguments(p)
     p.set_defaults(handler=_run_eval)
 

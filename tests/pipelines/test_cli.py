@@ -126,6 +126,16 @@ def test_make_tiny_model_builds_a_loadable_checkpoint(tmp_path):
     assert embedded.returncode == 0 and len(records(embedded.stdout)[0]["embedding"]) == 64
 
 
+def test_demo_with_a_text_only_backend_embeds_the_texts_and_names_each_skipped_image():
+    from tests.minilm import minilm_dir
+
+    result = run("demo", "--backend", "sentence-transformers", "--model", str(minilm_dir()))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 6 of 18 sample items" in result.stdout and "vectors of shape (6, 384)" in result.stdout
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 12 and all("sentence-transformers" in line for line in skipped)
+
+
 def test_demo_prints_the_shape_and_a_similarity_matrix(tiny_model_dir):
     result = run("demo", "--model", str(tiny_model_dir))
     assert result.returncode == 0, result.stderr
