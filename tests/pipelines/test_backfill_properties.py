@@ -231,5 +231,6 @@ def test_every_row_of_any_mix_ends_in_exactly_one_table_also_after_a_rerun(
     again = run_backfill(config)
     assert again.adds_up and again.read == expected.read
     assert (again.embedded, again.errored) == (0, 0)
-    assert (again.units_skipped, again.already_done) == (again.units, expected.read)  # committed units: unread
+    # committed units are skipped unread
+    assert (again.units_skipped, again.already_done) == (again.units, expected.read)
     assert table_ids(db.open_table("vectors")) == set(vectors)
