@@ -7,7 +7,7 @@ import json
 import sys
 import typing
 
-from pipelines.config import AnswerConfig, DType, TableConfig
+from pipelines.config import DEFAULT_TABLE_NAME, AnswerConfig, DType, TableConfig
 from pipelines.config_flags import add_config_flags, config_from_flags
 
 EXIT_USAGE = 2
@@ -38,7 +38,9 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table", default="./data/lancedb", metavar="URI", help="the LanceDB (default: %(default)s)"
     )
-    parser.add_argument("--name", default="vectors", help="the vectors table's name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default=DEFAULT_TABLE_NAME, help="the vectors table's name (default: %(default)s)"
+    )
     parser.add_argument(
         "--where", metavar="SQL", help="a filter on the table's columns, e.g. \"modality = 'image'\""
     )

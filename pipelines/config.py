@@ -36,6 +36,7 @@ VarlenAttention = Literal["auto", VarlenKernel]
 Backend = Literal["transformers", "sentence-transformers", "stand-in"]
 
 TINY_MODEL = "tiny"
+DEFAULT_TABLE_NAME = "vectors"  # the vectors table, when a config or a command names none
 # The built-in offline checkpoints (`pipelines.tiny_model`), by name: `tiny` stands for an Instruct checkpoint,
 # `tiny-embedding` for a Qwen3-VL-Embedding one (its tokenizer appends <|endoftext|>), `tiny-reranker` for a
 # Qwen3-VL-Reranker one.
@@ -448,7 +449,7 @@ class TableConfig(StrictModel):
     """Where the vectors and the errors go."""
 
     uri: str = Field(default="./data/lancedb", description="A LanceDB directory or object-store URI.")
-    name: str = Field(default="vectors", description="The vectors table.")
+    name: str = Field(default=DEFAULT_TABLE_NAME, description="The vectors table.")
     errors_name: str = Field(default="errors", description="The errors table beside it.")
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options (keys, region)."

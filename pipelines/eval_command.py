@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.config import DEFAULT_TABLE_NAME, EmbedderConfig, TableConfig
 from pipelines.config_flags import add_config_flags, config_from_flags
 from pipelines.eval import METRICS
 
@@ -45,7 +45,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("queries", nargs="?", type=Path, metavar="QUERIES.jsonl", help="the labelled queries")
     where = parser.add_argument_group("what to evaluate")
     where.add_argument("--table", metavar="URI", help="a LanceDB made by vlm-embed backfill")
-    where.add_argument("--name", default="vectors", help="the vectors table's name (default: %(default)s)")
+    where.add_argument(
+        "--name", default=DEFAULT_TABLE_NAME, help="the vectors table's name (default: %(default)s)"
+    )
     where.add_argument(
         "--corpus",
         type=Path,

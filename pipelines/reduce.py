@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipelines.config import TableConfig
+from pipelines.config import DEFAULT_TABLE_NAME, TableConfig
 from pipelines.storage import STORAGE_TYPES, StorageType
 
 Method = Literal["pca", "matryoshka", "none"]
@@ -248,7 +248,9 @@ def add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table", default="./data/lancedb", metavar="URI", help="the LanceDB (default: %(default)s)"
     )
-    parser.add_argument("--name", default="vectors", help="the vectors table to read (default: %(default)s)")
+    parser.add_argument(
+        "--name", default=DEFAULT_TABLE_NAME, help="the vectors table to read (default: %(default)s)"
+    )
     parser.add_argument(
         "--dimensions", type=int, metavar="D", help="the new vector size (not with --method none)"
     )

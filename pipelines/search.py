@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any
 
-from pipelines.config import DType, RerankerConfig, TableConfig
+from pipelines.config import DEFAULT_TABLE_NAME, DType, RerankerConfig, TableConfig
 from pipelines.rerank_search import DEFAULT_CANDIDATES, candidates_for
 from pipelines.table_query import SEARCH_MODES, SearchMode
 
@@ -113,7 +113,7 @@ def retrieve_context(
     *,
     image: Any = None,
     table: TableConfig | str = "./data/lancedb",
-    name: str = "vectors",
+    name: str = DEFAULT_TABLE_NAME,
     embedder=None,
     reranker=None,
     instruction: str | None = None,
@@ -161,7 +161,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table", default="./data/lancedb", metavar="URI", help="the LanceDB (default: %(default)s)"
     )
-    parser.add_argument("--name", default="vectors", help="the vectors table's name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default=DEFAULT_TABLE_NAME, help="the vectors table's name (default: %(default)s)"
+    )
     parser.add_argument(
         "--top-k", type=int, default=10, metavar="K", help="rows to return (default: %(default)s)"
     )
