@@ -33,6 +33,10 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert "read 24 = embedded 24 + skipped 0" in outputs
     assert "unit norm: True" in outputs
     assert "text vs text+image:" in outputs
+    assert all(f"{mode:<7}" in outputs for mode in ("vector", "text", "hybrid"))
+    ndcg = float(outputs.split("MiniLM nDCG@10 ")[1].split(",")[0])
+    shuffled = float(outputs.split("shuffled ranking nDCG@10 ")[1].split()[0])
+    assert ndcg > 0.9 and shuffled < 0.1  # a real model retrieves, a shuffled ranking does not
     errors = [
         o
         for cell in notebook.cells
