@@ -62,7 +62,13 @@ def write_corpus(root: Path, texts: int, images: int, side: int, seed: int = 0) 
 
 
 def job_config(
-    root: Path, text_path: Path, image_dir: Path, model: str, embedder_options: dict, batch_rows: int
+    root: Path,
+    text_path: Path,
+    image_dir: Path,
+    model: str,
+    embedder_options: dict,
+    batch_rows: int,
+    commit_rows: int = 4096,
 ):
     from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 
@@ -72,7 +78,7 @@ def job_config(
             SourceConfig(kind="jsonl", path=str(text_path), name="texts", id_column="id", text_column="text"),
             SourceConfig(kind="images", path=str(image_dir), name="images"),
         ],
-        table=TableConfig(uri=str(root / "db"), commit_rows=4096, fts_index=False),
+        table=TableConfig(uri=str(root / "db"), commit_rows=commit_rows, fts_index=False),
         resources=ResourcesConfig(batch_rows=batch_rows, prepare_batch_rows=min(batch_rows, 64)),
     )
 
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(args.workdir or tmp)
         text_path, image_dir, items = write_corpus(root, args.texts, args.images, args.image_side, args.seed)
         model = args.model or ("tiny" if args.shape == "tiny" else save_random_checkpoint(args.shape, root))
-        config = job_config(root, text_path, image_dir, model, options, args.batch_rows)
+        config = job_config(root, text_path, image_dir, model, options, args.batch_rows, args.commit_rows)
         result: dict[str, Any] = {"rows": len(items), "model": args.shape, "options": options}
 
         result.update(measure_bare(Embedder.from_config(config.embedder), items, args.image_side))
@@ -154,9 +160,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def steady_state(arrivals: list[tuple[float, int]]) -> dict[str, Any] | None:
-    """Rows/s once rows flow: the rows after the first batch over the time from the first batch to the last,
+    """Rows/s once rows flow: the rows after the first commit over the time from the first commit to the last,
     which leaves out the start-up every run pays once (the actors' model load and warm-up, the first read).
-    None with fewer than two batches."""
+    The driver sees one arrival per commit (a group of about `commit_rows` rows, each group its own Ray Data
+    job, so each later group still pays its actors' start): None with fewer than two commits."""
     if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
         return None
     rows = sum(n for _, n in arrivals[1:])
@@ -238,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="attention_layout=packed and compile=True")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--batch-rows", type=int, default=256, help="rows handed to the embedding actor at a time")
+    p.add_argument(
+        "--commit-rows",
+        type=int,
+        default=4096,
+        help="about this many rows per commit (a group); the steady rate needs two or more (default: 4096)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the corpus and the table here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write the result here")

@@ -36,6 +36,8 @@ def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path
             "--packed",
             "--batch-rows",
             "2",
+            "--commit-rows",
+            "3",  # two groups (the texts' unit, the images'): two commits for the steady rate
             "--workdir",
             str(tmp_path / "w"),
             "--json",
