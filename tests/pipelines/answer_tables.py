@@ -39,6 +39,7 @@ def write_table(uri: str, embedder, items: dict[str, Any]) -> TableConfig:
         "status": ["ok"] * n,
         "stage": [None] * n,
         "reason": [None] * n,
+        "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
         "modality": modality,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
     }

@@ -37,6 +37,7 @@ def table(tmp_path_factory, embedder):
             "status": ["ok"] * len(items),
             "stage": [None] * len(items),
             "reason": [None] * len(items),
+            "origin": [f"0:{i}" for i in range(len(items))],  # the row's unit and place in it
             "modality": ["text"] * 3 + ["image", "text+image"],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
@@ -114,6 +115,7 @@ def embedding_table(tmp_path_factory, tiny_embedding_dir):
             "status": ["ok"] * n,
             "stage": [None] * n,
             "reason": [None] * n,
+            "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
             "modality": ["text"] * n,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },

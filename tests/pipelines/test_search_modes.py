@@ -50,6 +50,7 @@ def table(tmp_path_factory, embedder):
             "status": ["ok"] * n,
             "stage": [None] * n,
             "reason": [None] * n,
+            "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
             "modality": ["text"] * len(TEXTS) + ["image", "text+image"],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
