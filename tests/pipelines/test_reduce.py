@@ -11,10 +11,9 @@ from pipelines.cli import main
 from pipelines.config import TableConfig
 from pipelines.reduce import reduce_table
 from pipelines.search import search
-from pipelines.sink import BackfillSink
-from pipelines.stages import output_schema
 from pipelines.storage import bytes_per_vector
 from pipelines.table import METADATA_KEY, connect
+from tests.pipelines.sink_rows import write_rows
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "sky", "sea", "fox", "cat", "bread", "stone"]
 TEXTS = {f"t{i:02d}": f"a {WORDS[i % 12]} {WORDS[(i * 5 + 3) % 12]} number {i}" for i in range(40)}
@@ -24,29 +23,21 @@ TEXTS = {f"t{i:02d}": f"a {WORDS[i % 12]} {WORDS[(i * 5 + 3) % 12]} number {i}" 
 def source(tmp_path_factory, embedder):
     """40 texts written by the backfill's sink (full-text index included), and their vectors."""
     vectors = embedder.embed_batch(list(TEXTS.values()))
-    dim = vectors.shape[1]
     n = len(TEXTS)
-    rows = pa.table(
+    config = TableConfig(uri=str(tmp_path_factory.mktemp("reduce") / "db"))
+    write_rows(
+        config,
+        embedder.config,
+        vectors,
         {
             "id": list(TEXTS),
-            "source": ["test"] * n,
             "text": list(TEXTS.values()),
             "image_uri": [None] * n,
             "kept": [json.dumps({"n": i}) for i in range(n)],
-            "status": ["ok"] * n,
-            "stage": [None] * n,
-            "reason": [None] * n,
-            "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
             "modality": ["text"] * n,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
-        schema=output_schema(dim),
+        kept_types={"n": "int64"},
     )
-    config = TableConfig(uri=str(tmp_path_factory.mktemp("reduce") / "db"))
-    sink = BackfillSink(config, embedder.config, dim, {"n": "int64"})
-    sink.open()
-    sink.write(rows)
-    sink.close()
     return config, vectors
 
 

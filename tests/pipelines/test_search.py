@@ -1,15 +1,13 @@
 """Search embeds the query with the table's recorded configuration and finds a row's own content first."""
 
-import pyarrow as pa
 import pytest
 
 from pipelines.cli import main
 from pipelines.config import EmbedderConfig, TableConfig
 from pipelines.search import search
-from pipelines.sink import BackfillSink
-from pipelines.stages import output_schema
 from pipelines.table import TableConfigMismatch
 from tests.conftest import make_image
+from tests.pipelines.sink_rows import write_rows
 
 TEXTS = {"t-red": "a red circle on white", "t-blue": "a blue square on white", "t-sky": "the sky at night"}
 
@@ -26,28 +24,19 @@ def table(tmp_path_factory, embedder):
         "p-stripes": {"text": "stripes", "image": str(image)},
     }
     vectors = embedder.embed_batch(list(items.values()))
-    dim = embedder.get_embedding_dimension()
-    rows = pa.table(
+    config = TableConfig(uri=str(folder / "db"))
+    write_rows(
+        config,
+        embedder.config,
+        vectors,
         {
             "id": list(items),
-            "source": ["test"] * len(items),
             "text": [v if isinstance(v, str) else v.get("text") for v in items.values()],
             "image_uri": [None if isinstance(v, str) else v["image"] for v in items.values()],
             "kept": [None] * len(items),
-            "status": ["ok"] * len(items),
-            "stage": [None] * len(items),
-            "reason": [None] * len(items),
-            "origin": [f"0:{i}" for i in range(len(items))],  # the row's unit and place in it
             "modality": ["text"] * 3 + ["image", "text+image"],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
-        schema=output_schema(dim),
     )
-    config = TableConfig(uri=str(folder / "db"))
-    sink = BackfillSink(config, embedder.config, dim)
-    sink.open()
-    sink.write(rows)
-    sink.close()
     return config, image
 
 
@@ -103,29 +92,20 @@ def embedding_table(tmp_path_factory, tiny_embedding_dir):
     assert embedder.config.recipe == "qwen3-vl-embedding"  # picked by recipe: auto from the name
     texts = list(TEXTS.values())
     vectors = embedder.embed_batch(texts)
-    dim = embedder.get_embedding_dimension()
     n = len(texts)
-    rows = pa.table(
+    config = TableConfig(uri=str(tmp_path_factory.mktemp("embedding-search") / "db"))
+    write_rows(
+        config,
+        embedder.config,
+        vectors,
         {
             "id": list(TEXTS),
-            "source": ["test"] * n,
             "text": texts,
             "image_uri": [None] * n,
             "kept": [None] * n,
-            "status": ["ok"] * n,
-            "stage": [None] * n,
-            "reason": [None] * n,
-            "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
             "modality": ["text"] * n,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
-        schema=output_schema(dim),
     )
-    config = TableConfig(uri=str(tmp_path_factory.mktemp("embedding-search") / "db"))
-    sink = BackfillSink(config, embedder.config, dim)
-    sink.open()
-    sink.write(rows)
-    sink.close()
     return config, embedder
 
 

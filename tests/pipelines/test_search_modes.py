@@ -9,10 +9,9 @@ import pytest
 from pipelines.cli import main
 from pipelines.config import EmbedderConfig, TableConfig
 from pipelines.search import retrieve_context, search
-from pipelines.sink import BackfillSink
-from pipelines.stages import output_schema
 from pipelines.table_query import SearchModeError
 from tests.conftest import make_image
+from tests.pipelines.sink_rows import write_rows
 
 TEXTS = {
     "t-fox": "the quick brown fox jumps over the lazy dog",
@@ -38,29 +37,21 @@ def table(tmp_path_factory, embedder):
         "p-fox": {"text": "a fox in stripes", "image": str(image)},
     }
     vectors = embedder.embed_batch(list(items.values()))
-    dim = embedder.get_embedding_dimension()
     n = len(items)
-    rows = pa.table(
+    config = TableConfig(uri=str(folder / "db"))
+    write_rows(
+        config,
+        embedder.config,
+        vectors,
         {
             "id": list(items),
-            "source": ["test"] * n,
             "text": [v if isinstance(v, str) else v.get("text") for v in items.values()],
             "image_uri": [None if isinstance(v, str) else v["image"] for v in items.values()],
             "kept": [json.dumps({"year": 2000 + i}) for i in range(n)],
-            "status": ["ok"] * n,
-            "stage": [None] * n,
-            "reason": [None] * n,
-            "origin": [f"0:{i}" for i in range(n)],  # the row's unit and place in it
             "modality": ["text"] * len(TEXTS) + ["image", "text+image"],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         },
-        schema=output_schema(dim),
+        kept_types={"year": "int64"},
     )
-    config = TableConfig(uri=str(folder / "db"))
-    sink = BackfillSink(config, embedder.config, dim, {"year": "int64"})
-    sink.open()
-    sink.write(rows)
-    sink.close()
     return config, image
 
 

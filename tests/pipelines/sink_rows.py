@@ -1,0 +1,32 @@
+"""Test tables written the way the backfill writes them: rows in `output_schema`, through `BackfillSink`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.config import TableConfig
+from pipelines.sink import BackfillSink
+from pipelines.stages import output_schema
+
+
+def write_rows(
+    config: TableConfig,
+    embedder_config,
+    vectors: np.ndarray,
+    columns: dict[str, list[Any]],
+    kept_types: dict[str, str] | None = None,
+) -> None:
+    """`columns` holds what a test sets (id, text, image_uri, modality, kept, ...); every other column of the
+    stages' output is what a plain embedded row has (source 'test', status 'ok', its origin, the rest null)."""
+    n, dim = vectors.shape
+    schema = output_schema(dim)
+    plain = {"source": ["test"] * n, "status": ["ok"] * n, "origin": [f"0:{i}" for i in range(n)]}
+    data = {name: columns.get(name, plain.get(name, [None] * n)) for name in schema.names}
+    data["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    sink = BackfillSink(config, embedder_config, dim, *([kept_types] if kept_types else []))
+    sink.open()
+    sink.write(pa.table(data, schema=schema))
+    sink.close()
