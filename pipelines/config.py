@@ -126,6 +126,14 @@ class ModelOptions(StrictModel):
         "auto: on a GPU in the packed layout, compiled at warm_up(), which long-lived users call before taking "
         "work (backfill actors, Serve replicas); one-shot use that never warms up (search, demo) stays eager.",
     )
+    cuda_graphs: bool | Literal["auto"] = Field(
+        default=False,
+        description="CUDA graphs for small text steps of the packed layout (pipelines.step_graphs): captured at "
+        "warm_up() for a few bucketed token and item counts, each step padded to its bucket with dummy "
+        "segments that pooling drops, then replayed with one launch (Serve's small steps are host-bound). "
+        "The same vectors. auto: on CUDA in the packed layout. Off by default until a GPU shows it helps "
+        "(benchmarks/NOTES.md).",
+    )
 
     @model_validator(mode="after")
     def _check_model_options(self) -> Self:
@@ -133,6 +141,8 @@ class ModelOptions(StrictModel):
             raise ValueError(
                 "compile=True needs attention_layout='packed' (compile='auto' compiles where auto picks packed)"
             )
+        if self.cuda_graphs is True and self.attention_layout != "packed":
+            raise ValueError("cuda_graphs=True needs attention_layout='packed'")
         if self.resolved_min_pixels > self.resolved_max_pixels:
             raise ValueError(
                 f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"
@@ -150,6 +160,12 @@ class ModelOptions(StrictModel):
         if self.compile != "auto":
             return self.compile
         return warmed_up and device_type == "cuda" and self.resolved_attention_layout(device_type) == "packed"
+
+    def resolved_cuda_graphs(self, device_type: str) -> bool:
+        """Whether the packed layout captures CUDA graphs at warm-up: auto is on CUDA in the packed layout."""
+        if self.cuda_graphs != "auto":
+            return self.cuda_graphs
+        return device_type == "cuda" and self.resolved_attention_layout(device_type) == "packed"
 
     @property
     def resolved_min_pixels(self) -> int:
