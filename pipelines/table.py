@@ -35,6 +35,7 @@ RUNTIME_OPTIONS = (
     "padding_side",
     "max_image_pixels",
     "engine",
+    "cuda_graphs",
 )
 
 
