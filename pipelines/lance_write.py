@@ -4,9 +4,9 @@ Lance's documented distributed write: workers write data files (fragments) strai
 then one process commits the fragments' metadata as one new table version. Here:
 
 - `BackfillDatasink.write` (a Ray Data write task, on any node) turns the embedded rows into the vectors
-  table's schema (kept columns typed), writes them as fragments with `lance.fragment.write_fragments`, and
-  returns the fragments' metadata, the task's error rows (small: no vectors), its counts and the rows it
-  saw per work unit. No vector passes through the driver.
+  table's schema (the kept columns as the readers typed them), writes them as fragments with
+  `lance.fragment.write_fragments`, and returns the fragments' metadata, the task's error rows (small: no
+  vectors), its counts and the rows it saw per work unit. No vector passes through the driver.
 - `commit_wave` (the driver, once per group of units): upserts the error rows into the errors table, deletes
   the retried ids that now have a vector from it, appends the fragments to the vectors table in one commit,
   records the units in the progress table (`pipelines.progress`), and brings the `id` index up to date.
@@ -216,10 +216,7 @@ def write_blocks(target: Target, schema, blocks) -> dict[str, Any]:
                 raise RuntimeError(f"row {row_id!r} reached the writer with status {state!r}")
         if take:
             rows = block.take(take)
-            data, bad = table_rows(rows, schema, dict(target.kept_types))
-            errors.extend(_error(rows, i, "write", reason) for i, reason in sorted(bad.items()))
-            if data.num_rows:
-                parts.append(data)
+            parts.append(table_rows(rows, schema, dict(target.kept_types)))
     fragments, retried = [], []
     if parts:
         data = pa.concat_tables(parts)
@@ -250,18 +247,14 @@ def _error(block, i: int, stage: str, reason: str) -> dict[str, str]:
 
 
 def table_rows(rows, schema, kept_types: dict[str, str]):
-    """The rows in the vectors table's schema, and the rows (by position) whose kept values do not fit."""
+    """The rows in the vectors table's schema (their kept values typed when read, `pipelines.kept`)."""
     import pyarrow as pa
 
     from pipelines.sink import kept_arrays
 
-    kept, bad = kept_arrays(rows, schema, list(kept_types))
-    good = [i for i in range(rows.num_rows) if i not in bad]
-    if bad:
-        rows = rows.take(good)
-        kept = {name: column.take(good) for name, column in kept.items()}
+    kept = kept_arrays(rows, schema, list(kept_types))
     columns = [rows[c].cast(schema.field(c).type) for c in VECTOR_COLUMNS] + [kept[c] for c in kept_types]
-    return pa.table(columns, schema=schema), bad
+    return pa.table(columns, schema=schema)
 
 
 # -- the commit ---------------------------------------------------------------------------------------------

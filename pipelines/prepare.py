@@ -25,7 +25,10 @@ from pipelines.recipes import IMAGE_PAD, RECIPES, format_prompt, normalize_instr
 
 @dataclass
 class PreparedItem:
-    """One item, ready for the model: token ids, M-RoPE positions and (for images) patches."""
+    """One item, ready for the model: token ids, M-RoPE positions and (for images) patches.
+
+    In a backfill's blocks a list of them travels as Arrow columns (`pipelines.prepared_arrow`, built on
+    `to_row`/`from_row`)."""
 
     input_ids: np.ndarray  # int64 [n]
     position_ids: np.ndarray  # int64 [3, n]
@@ -50,7 +53,7 @@ class PreparedItem:
         return np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3)
 
     def to_row(self) -> dict[str, Any]:
-        """A flat dict of numpy arrays and scalars (for Ray Data blocks and pickling)."""
+        """A flat dict of numpy arrays and scalars (one row of `prepared_arrow.prepared_table`; pickling)."""
         has_image = self.pixel_values is not None
         return {
             "input_ids": self.input_ids,

@@ -1,11 +1,11 @@
 """Ray Data sources: JSONL, CSV and Parquet tables (texts, image paths or bytes, pairs) and image folder trees.
 
-Every source becomes the same row layout (`ROW_SCHEMA`): `id`, `source`, `text`, `image_uri` (a path or URI to
-read the image from), `image_bytes` (an image carried inline), `kept` (the columns to keep, as one JSON object),
-`status` (`todo`, or `error` for a row that could not even be read), `stage`, `reason` and `origin` (the work
-unit and row number it came from, `pipelines.work_units`). A bad line (not JSON,
-not UTF-8, the wrong type in a column) becomes an error row instead of failing the file, so every input row is
-accounted for downstream.
+Every source becomes the same row layout (`row_schema`): `id`, `source`, `text`, `image_uri` (a path or URI to
+read the image from), `image_bytes` (an image carried inline), `kept` (the columns to keep, typed: one struct,
+`pipelines.kept`), `status` (`todo`, or `error` for a row that could not even be read), `stage`, `reason` and
+`origin` (the work unit and row number it came from, `pipelines.work_units`). A bad line (not JSON, not UTF-8,
+the wrong type in a column, a kept value that does not fit its type) becomes an error row instead of failing
+the file, so every input row is accounted for downstream.
 
 Ids come from `id_column` when the source has one; otherwise they are a content hash (`content_id`): the first
 32 hex digits of the SHA-256 of the canonical JSON `{"image": <the path as written in the row, or
@@ -42,11 +42,14 @@ ROWS_PER_BLOCK = 256
 TABLE_EXTENSIONS = {"jsonl": ["jsonl", "json"], "csv": ["csv"], "parquet": ["parquet"]}
 
 
-def row_schema():
+def row_schema(kept: dict[str, str] | None = None):
+    """The rows' Arrow schema; `kept`: the run's kept columns and their types (`pipelines.kept.kept_types`)."""
     import pyarrow as pa
 
-    binary = {"image_bytes"}
-    return pa.schema([pa.field(c, pa.binary() if c in binary else pa.string()) for c in ROW_COLUMNS])
+    from pipelines.kept import kept_type
+
+    types = {"image_bytes": pa.binary(), "kept": kept_type(kept)}
+    return pa.schema([pa.field(c, types.get(c, pa.string())) for c in ROW_COLUMNS])
 
 
 def content_id(text: str | None, image_ref: str | None) -> str:
@@ -208,8 +211,8 @@ def build_row(source: SourceConfig, raw: dict[str, Any], base_dir: str, where: s
     if problem is not None:
         return error_row(source, row_id, *problem)
     row = _empty(source, row_id) | {"text": text, "image_uri": image_uri, "image_bytes": image_bytes}
-    if source.keep_columns:
-        row["kept"] = json.dumps({c: _jsonable(raw.get(c)) for c in source.keep_columns}, sort_keys=True)
+    if source.keep_columns:  # typed per block when the rows become Arrow (`work_units.read_unit`)
+        row["kept"] = {c: _jsonable(raw.get(c)) for c in source.keep_columns}
     return row | {"status": "todo"}
 
 

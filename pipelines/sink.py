@@ -7,12 +7,13 @@ as skipped); each commit holds at most `commit_rows` rows; errors are upserted b
 retried row that now succeeds leaves the errors table (an id left in both by a crash is repaired at `open`).
 
 It holds the ids of both tables and of its rows in memory (about 100 bytes an id): fine for a few rows, not
-for a corpus. `kept_arrays` (kept column values typed for the table) is shared with the backfill's writer.
+for a corpus. The kept columns come typed in the rows' `kept` struct (`pipelines.kept`: a value that does not
+fit its type is an error row from the read on); `kept_arrays` (them in the table's columns) is shared with the
+backfill's writer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,7 @@ class BackfillSink:
                     f"table {self.config.name!r} has no column(s) {missing} to keep; "
                     "use mode: overwrite to rebuild it with them"
                 )
+            check_kept_types(self.vectors.schema, self.kept_types, self.config.name)
         self.errors = _open(self.db, self.config.errors_name)
         if self.errors is None:
             self.errors = self.db.create_table(self.config.errors_name, schema=errors_schema())
@@ -166,7 +168,7 @@ class BackfillSink:
             self._commit_errors(self.config.commit_rows)
 
     def _commit_vectors(self, limit: int) -> None:
-        """One commit: the first `limit` waiting vectors (less the rows whose kept values do not fit)."""
+        """One commit: the first `limit` waiting vectors."""
         import pyarrow as pa
 
         waiting = pa.concat_tables(self._vector_parts)
@@ -174,18 +176,12 @@ class BackfillSink:
         rest = waiting.slice(limit)
         self._vector_parts = [rest] if rest.num_rows else []
         self._vectors_waiting = rest.num_rows
-        kept, bad = self._kept_columns(rows)
-        if bad:
-            good = [i for i in range(rows.num_rows) if i not in bad]
-            for i, reason in sorted(bad.items()):
-                self._error(rows["id"][i].as_py(), rows["source"][i].as_py(), "write", reason)
-            rows = rows.take(good)
-            kept = {name: column.take(good) for name, column in kept.items()}
         if rows.num_rows == 0:
             return
         if self.vectors is None:
             self.vectors = self.db.create_table(self.config.name, schema=self._schema())
         schema = self.vectors.schema
+        kept = kept_arrays(rows, schema, self.keep_columns)
         data = pa.table(
             [rows[c].cast(schema.field(c).type) for c in VECTOR_COLUMNS]
             + [kept[c] for c in self.keep_columns],
@@ -221,10 +217,6 @@ class BackfillSink:
         fields = [pa.field(name, pa.type_for_alias(kind)) for name, kind in self.kept_types.items()]
         return vectors_schema(self.embedder, self.dimension, fields)
 
-    def _kept_columns(self, rows) -> tuple[dict[str, Any], dict[int, str]]:
-        schema = self.vectors.schema if self.vectors is not None else self._schema()
-        return kept_arrays(rows, schema, self.keep_columns)
-
     # -- end -----------------------------------------------------------------------------------------------
 
     def close(self) -> SinkCounts:
@@ -257,44 +249,25 @@ class BackfillSink:
             log.warning("could not build the indexes of %s: %s", self.config.name, exc)
 
 
-def kept_arrays(rows, schema, keep_columns: list[str]) -> tuple[dict[str, Any], dict[int, str]]:
-    """The kept columns of `rows` (their `kept` JSON) as Arrow arrays of the table's types, and the rows (by
-    position) whose values do not fit them."""
-    if not keep_columns:
-        return {}, {}
-    parsed = [json.loads(k) if k else {} for k in rows["kept"].to_pylist()]
-    columns, bad = {}, {}
-    for name in keep_columns:
-        target = schema.field(name).type
-        values = [p.get(name) for p in parsed]
-        try:
-            columns[name] = _fit(values, target)
-            continue
-        except ValueError:
-            pass
-        fitted = []
-        for i, value in enumerate(values):
-            try:
-                _fit([value], target)
-                fitted.append(value)
-            except ValueError:
-                bad.setdefault(i, f"kept_column: {name!r} value {value!r} does not fit the column's {target}")
-                fitted.append(None)
-        columns[name] = _fit(fitted, target)
-    return columns, bad
-
-
-def _fit(values: list[Any], target):
-    """Values as an Arrow array of `target`: text is parsed ('2001' -> 2001), other values are converted;
-    strings take anything (non-strings as JSON). Raises ValueError when a value does not fit."""
+def check_kept_types(schema, kept: dict[str, str], name: str) -> None:
+    """Refuse a table whose kept columns have other types than the config's: the readers type the values
+    with the config's, the table takes them as they are."""
     import pyarrow as pa
 
-    if pa.types.is_string(target):
-        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], target)
-    try:
-        if any(isinstance(v, str) for v in values):
-            text = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
-            return pa.array(text, pa.string()).cast(target)
-        return pa.array(values, target)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-        raise ValueError(str(exc)) from exc
+    wrong = [
+        f"{c!r} is {schema.field(c).type} in the table, {kind} in the config"
+        for c, kind in kept.items()
+        if schema.field(c).type != pa.type_for_alias(kind)
+    ]
+    if wrong:
+        raise TableConfigMismatch(
+            f"table {name!r}: kept column {', '.join(wrong)}; use mode: overwrite to rebuild it"
+        )
+
+
+def kept_arrays(rows, schema, keep_columns: list[str]) -> dict[str, Any]:
+    """The kept columns of `rows` (the fields of their typed `kept` struct) as the table's columns."""
+    from pipelines.kept import kept_values
+
+    values = kept_values(rows, keep_columns)
+    return {name: values[name].cast(schema.field(name).type) for name in keep_columns}

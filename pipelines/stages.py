@@ -14,7 +14,7 @@
 
 Every stage returns exactly one row per input row (checked), with the status `todo`/`done`/`repeat`/`error`/
 `ok`, so the writer (`lance_write.BackfillDatasink`) can account for every input row. Blocks are Arrow tables
-with fixed schemas end to end.
+with fixed schemas end to end (`pipelines.prepared_arrow`: the schemas, and the prepared items as columns).
 """
 
 from __future__ import annotations
@@ -27,36 +27,14 @@ import numpy as np
 
 from pipelines.config import Config, EmbedderConfig
 from pipelines.metrics import PipelineMetrics
+from pipelines.prepared_arrow import (
+    PASS_COLUMNS,
+    output_schema,
+    prepared_items,
+    prepared_table,
+    vector_column,
+)
 from pipelines.readers import is_uri, read_image_uri
-
-PASS_COLUMNS = ("id", "source", "text", "image_uri", "kept", "status", "stage", "reason", "origin")
-ARRAY_COLUMNS = {
-    "input_ids": "int64",
-    "position_ids": "int64",
-    "pixel_values": "float32",
-    "pixel_shape": "int64",
-    "image_grid_thw": "int64",
-}
-LARGE_COLUMNS = {"pixel_values"}  # may pass 2**31 values in one block
-
-
-def prepared_schema():
-    import pyarrow as pa
-
-    arrays = [pa.field(c, _list_type(c)) for c in ARRAY_COLUMNS]
-    return pa.schema(
-        [pa.field(c, pa.string()) for c in PASS_COLUMNS]
-        + [pa.field("modality", pa.string()), *arrays, pa.field("truncated", pa.bool_())]
-    )
-
-
-def output_schema(dimension: int):
-    import pyarrow as pa
-
-    return pa.schema(
-        [pa.field(c, pa.string()) for c in PASS_COLUMNS]
-        + [pa.field("modality", pa.string()), pa.field("vector", pa.list_(pa.float32(), dimension))]
-    )
 
 
 def _check_count(batch, out) -> Any:
@@ -129,81 +107,44 @@ def _item(row: dict[str, Any], storage: dict[str, dict[str, str]] | None = None)
     return item
 
 
-def _list_type(column: str):
-    import pyarrow as pa
-
-    value_type = pa.from_numpy_dtype(np.dtype(ARRAY_COLUMNS[column]))
-    return pa.large_list(value_type) if column in LARGE_COLUMNS else pa.list_(value_type)
-
-
-def _list_array(arrays: list[np.ndarray], column: str):
-    """One Arrow list column from per-row numpy arrays, built from one buffer and offsets (no per-item copy)."""
-    import pyarrow as pa
-
-    dtype = ARRAY_COLUMNS[column]
-    large = column in LARGE_COLUMNS
-    offsets = np.zeros(len(arrays) + 1, np.int64 if large else np.int32)
-    np.cumsum([a.size for a in arrays], out=offsets[1:])
-    values = pa.array(
-        np.concatenate([np.asarray(a, dtype).reshape(-1) for a in arrays] or [np.zeros(0, dtype)])
-    )
-    array_class = pa.LargeListArray if large else pa.ListArray
-    return array_class.from_arrays(pa.array(offsets), values)
-
-
 def prepare_batch(batch, config_json: str, storage: dict[str, dict[str, str]] | None = None):
     """CPU stage: `todo` rows -> token ids, positions and pixels; bad rows -> `error` (stage `prepare`)."""
-    import pyarrow as pa
-
     from pipelines.items import ItemError
 
-    rows = batch.to_pylist()
+    status = batch["status"].to_pylist()
+    stage, reason = batch["stage"].to_pylist(), batch["reason"].to_pylist()
+    todo = [i for i, s in enumerate(status) if s == "todo"]
     # a batch of done and unreadable rows only (a rerun) loads no tokenizer
-    preparer = _cached_preparer(config_json) if any(r["status"] == "todo" for r in rows) else None
-    metrics = PipelineMetrics()
-    out: dict[str, list] = {c: [] for c in (*PASS_COLUMNS, "modality", *ARRAY_COLUMNS, "truncated")}
-    empty = {c: np.zeros(0, t) for c, t in ARRAY_COLUMNS.items()}
-    read_errors = prepare_errors = 0
-    for row in rows:
-        arrays, modality, truncated = empty, None, False
-        if row["status"] == "todo":
+    preparer = _cached_preparer(config_json) if todo else None
+    items: list = [None] * batch.num_rows
+    if todo:
+        fields = ("text", "image_bytes", "image_uri", "source")
+        rows = batch.select(fields).take(todo).to_pylist()
+        for i, row in zip(todo, rows, strict=True):
             try:
-                prepared = preparer.prepare(_item(row, storage)).to_row()
-                arrays = {c: prepared[c] for c in ARRAY_COLUMNS}
-                modality, truncated = prepared["modality"], bool(prepared["truncated"])
+                items[i] = preparer.prepare(_item(row, storage))
+                continue
             except ItemError as exc:
-                row |= {"status": "error", "stage": "prepare", "reason": f"{exc.kind}: {exc.reason}"}
+                message = f"{exc.kind}: {exc.reason}"
             except Exception as exc:  # a decoder bug on one odd file must not fail the other rows
-                reason = f"unexpected: {type(exc).__name__}: {exc}"
-                row |= {"status": "error", "stage": "prepare", "reason": reason}
-            prepare_errors += row["status"] == "error"
-        elif row["status"] == "error":
-            read_errors += 1
-        for c in PASS_COLUMNS:
-            out[c].append(row[c])
-        for c in ARRAY_COLUMNS:
-            out[c].append(arrays[c])
-        out["modality"].append(modality)
-        out["truncated"].append(truncated)
-    metrics.errors("read", read_errors)
-    metrics.errors("prepare", prepare_errors)
-    schema = prepared_schema()
-    columns = [
-        _list_array(out[f.name], f.name) if f.name in ARRAY_COLUMNS else pa.array(out[f.name], f.type)
-        for f in schema
-    ]
-    return _check_count(batch, pa.Table.from_arrays(columns, schema=schema))
+                message = f"unexpected: {type(exc).__name__}: {exc}"
+            status[i], stage[i], reason[i] = "error", "prepare", message
+    metrics = PipelineMetrics()
+    metrics.errors("read", sum(s == "error" for s in batch["status"].to_pylist()))
+    metrics.errors("prepare", sum(status[i] == "error" for i in todo))
+    rows = _with_status(batch.select(list(PASS_COLUMNS)), status, stage, reason)
+    return _check_count(batch, prepared_table(rows, items))
+
+
+def _with_status(table, status: list, stage: list, reason: list):
+    import pyarrow as pa
+
+    for name, values in (("status", status), ("stage", stage), ("reason", reason)):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
 
 
 # -- 3. embed on GPUs --------------------------------------------------------------------------------------
-
-
-def _rows_of(column) -> list[np.ndarray]:
-    """The per-row numpy arrays of an Arrow list column (zero-copy slices of one buffer)."""
-    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 class EmbedActor:
@@ -235,31 +176,20 @@ class EmbedActor:
         if self._dimension is not None and loaded != self._dimension:
             raise RuntimeError(f"the model gives {loaded}-d vectors, the table expects {self._dimension}")
         self._dimension = loaded
-        if self.config.compile:  # compile before the first batch's items, not inside their forward pass
-            self.embedder.warm_up()
+        device = self.embedder.device  # a torch.device, or "cpu" (the stand-in)
+        device_type = getattr(device, "type", str(device).split(":")[0])
+        if self.config.resolved_compile(device_type, warmed_up=True):
+            self.embedder.warm_up()  # compile before the first batch's items, not inside their forward pass
 
     def __call__(self, batch):
-        import pyarrow as pa
-
-        from pipelines.prepare import PreparedItem
-
         status = batch["status"].to_pylist()
         stage, reason = batch["stage"].to_pylist(), batch["reason"].to_pylist()
-        modality = batch["modality"].to_pylist()
         todo = [i for i, s in enumerate(status) if s == "todo"]
         vectors = np.zeros((batch.num_rows, self.dimension), np.float32)
         if todo:
             if self.embedder is None:
                 self._load()
-            arrays = {c: _rows_of(batch[c]) for c in ARRAY_COLUMNS}
-            truncated = batch["truncated"].to_pylist()
-            prepared = [
-                PreparedItem.from_row(
-                    {c: arrays[c][i] for c in ARRAY_COLUMNS}
-                    | {"modality": modality[i], "truncated": truncated[i]}
-                )
-                for i in todo
-            ]
+            prepared = prepared_items(batch, todo)
             embedded = []
             for i, item, result in zip(todo, prepared, self._embed(prepared), strict=True):
                 if isinstance(result, str):
@@ -268,18 +198,9 @@ class EmbedActor:
                     status[i], vectors[i] = "ok", result
                     embedded.append(item)
             self._record(embedded, errors=len(todo) - len(embedded))
-        columns = {c: batch[c] for c in PASS_COLUMNS if c not in ("status", "stage", "reason")}
-        out = pa.table(
-            columns
-            | {
-                "status": pa.array(status, pa.string()),
-                "stage": pa.array(stage, pa.string()),
-                "reason": pa.array(reason, pa.string()),
-                "modality": batch["modality"],
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dimension),
-            }
-        ).select(output_schema(self.dimension).names)
-        return _check_count(batch, out)
+        rows = _with_status(batch.select([*PASS_COLUMNS, "modality"]), status, stage, reason)
+        out = rows.append_column("vector", vector_column(vectors))
+        return _check_count(batch, out.cast(output_schema(self.dimension, batch.schema.field("kept").type)))
 
     def _record(self, embedded: list, errors: int) -> None:
         for modality in {item.modality for item in embedded}:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import SourceConfig
+from pipelines.kept import kept_column, kept_types
 from pipelines.readers import (
     ROWS_PER_BLOCK,
     TABLE_EXTENSIONS,
@@ -204,20 +205,33 @@ def _image_units(index: int, source: SourceConfig, unit_files: int) -> list[Work
 # -- reading -------------------------------------------------------------------------------------------------
 
 
-def read_unit(unit: WorkUnit, number: int, source: SourceConfig) -> Iterator[Any]:
+def read_unit(
+    unit: WorkUnit, number: int, source: SourceConfig, kept: dict[str, str] | None = None
+) -> Iterator[Any]:
     """The unit's rows in the common layout (`readers.row_schema`), in blocks of `ROWS_PER_BLOCK` rows, each
-    with its `origin`; `number` is the unit's index in this run."""
-    import pyarrow as pa
-
-    schema = row_schema()
+    with its `origin`; `number` is the unit's index in this run. `kept`: the run's kept columns and types
+    (`kept.kept_types` of all its sources, so every source's blocks have one schema; default: this source's)."""
+    kept = kept_types([source]) if kept is None else kept
+    schema = row_schema(kept)
     rows: list[dict[str, Any]] = []
     for ordinal, row in enumerate(_unit_rows(unit, source)):
         rows.append(row | {"origin": f"{number}:{ordinal}"})
         if len(rows) >= ROWS_PER_BLOCK:
-            yield pa.Table.from_pylist(rows, schema=schema)
+            yield _block(rows, schema, kept)
             rows = []
     if rows:
-        yield pa.Table.from_pylist(rows, schema=schema)
+        yield _block(rows, schema, kept)
+
+
+def _block(rows: list[dict[str, Any]], schema, kept: dict[str, str]):
+    """One Arrow block of rows, their kept values typed; a row whose kept value does not fit is an error row."""
+    import pyarrow as pa
+
+    column, bad = kept_column([row["kept"] for row in rows], kept)
+    for i, reason in bad.items():
+        rows[i] |= {"status": "error", "stage": "read", "reason": reason, "image_bytes": None}
+    table = pa.Table.from_pylist([row | {"kept": None} for row in rows], schema=schema)
+    return table.set_column(schema.get_field_index("kept"), schema.field("kept"), column)
 
 
 def _unit_rows(unit: WorkUnit, source: SourceConfig) -> Iterator[dict[str, Any]]:
@@ -288,7 +302,8 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    schema = row_schema()
+    kept = kept_types(sources)
+    schema = row_schema(kept)
 
     class UnitsDatasource(Datasource):
         def estimate_inmemory_data_size(self):
@@ -297,7 +312,7 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             return [
                 ReadTask(
-                    functools.partial(_read_task, unit, number, sources[unit.source]),
+                    functools.partial(_read_task, unit, number, sources[unit.source], kept),
                     BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[unit.path]),
                     schema=schema,
                 )
@@ -307,5 +322,5 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
     return ray.data.read_datasource(UnitsDatasource(), override_num_blocks=max(len(units), 1))
 
 
-def _read_task(unit: WorkUnit, number: int, source: SourceConfig):
-    return list(read_unit(unit, number, source))
+def _read_task(unit: WorkUnit, number: int, source: SourceConfig, kept: dict[str, str]):
+    return list(read_unit(unit, number, source, kept))

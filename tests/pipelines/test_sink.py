@@ -5,18 +5,21 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.kept import kept_column, kept_type
+from pipelines.prepared_arrow import output_schema
 from pipelines.sink import BackfillSink, table_ids
-from pipelines.stages import output_schema
 from pipelines.table import TableConfigMismatch, recorded_embedder_config
 from tests.pipelines.table_versions import rows_added_per_version
 
 DIM = 8
 
 
-def batch(rows: list[dict]) -> pa.Table:
-    """Pipeline output rows: dicts with id and status (ok/error/done), optional text, kept, stage, reason."""
+def batch(rows: list[dict], keep: dict[str, str] | None = None) -> pa.Table:
+    """Pipeline output rows: dicts with id and status (ok/error/done), optional text, kept (the values as read,
+    typed with `keep` as the readers type them), stage, reason."""
     rng = np.random.default_rng(len(rows))
-    columns = {name: [] for name in output_schema(DIM).names}
+    schema = output_schema(DIM, kept_type(keep))
+    columns = {name: [] for name in schema.names}
     for row in rows:
         status = row["status"]
         for name in columns:
@@ -28,7 +31,9 @@ def batch(rows: list[dict]) -> pa.Table:
         if status == "error":
             columns["stage"][-1] = row.get("stage", "prepare")
             columns["reason"][-1] = row.get("reason", "empty_text: text is empty")
-    return pa.table(columns, schema=output_schema(DIM))
+    columns["kept"], bad = kept_column(columns["kept"], keep or {})
+    assert not bad, bad
+    return pa.table(columns, schema=schema)
 
 
 def ok(*ids, **extra):
@@ -116,11 +121,13 @@ def test_an_id_left_in_both_tables_by_a_crash_is_repaired_at_the_next_start(tmp_
     assert table_ids(repaired.errors) == set() and table_ids(repaired.vectors) == {"a", "b"}
 
 
-def test_kept_columns_get_their_declared_types_and_a_value_that_does_not_fit_is_an_error(tmp_path):
+def test_kept_columns_get_their_declared_types(tmp_path):
+    """The readers type the kept values (a value that does not fit is an error row from the read on:
+    `test_kept.py`); the sink writes them in the table's columns as they come."""
     keep = {"lang": "string", "year": "int64"}
     sink, _ = make_sink(tmp_path, keep=keep)
     sink.write(
-        batch(ok("a", kept='{"lang": "en", "year": 2001}') + ok("b", kept='{"lang": 7, "year": null}'))
+        batch(ok("a", kept={"lang": "en", "year": 2001}) + ok("b", kept={"lang": 7, "year": None}), keep)
     )
     sink.close()
     assert sink.vectors.schema.field("year").type == pa.int64()
@@ -128,14 +135,11 @@ def test_kept_columns_get_their_declared_types_and_a_value_that_does_not_fit_is_
     assert rows["a"]["lang"] == "en" and rows["b"]["lang"] == "7" and rows["b"]["year"] is None
 
     again, _ = make_sink(tmp_path, keep=keep)
-    again.write(
-        batch(ok("c", kept='{"lang": "de", "year": "MMII"}') + ok("d", kept='{"lang": "fr", "year": "3"}'))
-    )
-    counts = again.close()
-    assert (counts.embedded, counts.errored) == (1, 1)
-    (error,) = again.errors.to_arrow().to_pylist()
-    assert error["id"] == "c" and error["stage"] == "write" and "'year' value 'MMII'" in error["reason"]
+    again.write(batch(ok("d", kept={"lang": "fr", "year": "3"}), keep))
+    again.close()
     assert {r["id"]: r["year"] for r in again.vectors.to_arrow().to_pylist()}["d"] == 3  # text parsed
+    with pytest.raises(TableConfigMismatch, match="'year' is int64 in the table, string in the config"):
+        make_sink(tmp_path, keep={"lang": "string", "year": "string"})
 
 
 def test_a_different_embedder_configuration_is_refused_and_overwrite_starts_again(tmp_path):

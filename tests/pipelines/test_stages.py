@@ -8,6 +8,7 @@ import pytest
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig
 from pipelines.lance_write import Target, dataset_uri, reset_claims, start_claims
 from pipelines.prepare import PreparedItem
+from pipelines.prepared_arrow import prepared_schema
 from pipelines.readers import row_schema
 from pipelines.stages import (
     EmbedActor,
@@ -15,7 +16,6 @@ from pipelines.stages import (
     build_preparer,
     mark_done,
     prepare_batch,
-    prepared_schema,
 )
 from tests.conftest import image_bytes, make_image
 
