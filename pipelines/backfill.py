@@ -136,11 +136,10 @@ def run_backfill(
 
     `on_batch(rows)`, if given, is called after each commit with the rows it accounted for (benchmarks time
     the steady state with it). `quiet`: if this call starts Ray, Ray's own output goes to its log files."""
-    from pipelines import lance_write, progress
+    from pipelines import progress
     from pipelines.source_check import check_sources
-    from pipelines.stages import build_pipeline
     from pipelines.table_upkeep import upkeep
-    from pipelines.work_units import plan_units, units_dataset, waves
+    from pipelines.work_units import plan_units, waves
 
     start = time.perf_counter()
     if not config.sources:
@@ -165,29 +164,9 @@ def run_backfill(
         )
     commits = 0
     if todo:
-        num_gpus = resolve_num_gpus(config.resources.num_gpus_per_actor)
-        claims = lance_write.start_claims(CLAIM_PARTITIONS)
-        start_versions = (tables[0].version, tables[1].version)
-        for group in waves(todo, config.table.commit_rows):
-            target = _target(config.table, tables, kept, claims, start_versions)
-            pipeline = build_pipeline(
-                units_dataset(group, config.sources), config, target, num_gpus, dimension
-            )
-            sink = lance_write.datasink(target, tables[0].to_lance().schema)
-            pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
-            done = lance_write.commit_wave(target, tables, sink.returns, {str(n): u.key for n, u in group})
-            lance_write.reset_claims(claims)
-            for key, value in done.counts.items():
-                totals[key] += value
-            commits += done.commits
-            if done.counts["errored"]:
-                log.info(
-                    "committed %d error rows (%d in this run)", done.counts["errored"], totals["errored"]
-                )
-            if done.counts["embedded"]:
-                log.info("committed %d vectors (%d in this run)", done.counts["embedded"], totals["embedded"])
-            if on_batch is not None:
-                on_batch(done.counts["read"])
+        commits = _run_groups(
+            config, waves(todo, config.table.commit_rows), tables, kept, dimension, totals, on_batch
+        )
     if totals["read"] and not totals["embedded"] + totals["errored"]:
         log.info("nothing left to do: all %d rows were already in the tables", totals["read"])
     kept_up = upkeep(tables[0], tables[1], config.table, changed=bool(totals["embedded"] + totals["errored"]))
@@ -211,6 +190,53 @@ def run_backfill(
     if not summary.adds_up:  # the writers count every row they receive; this can only be a bug
         raise RuntimeError(f"the counts do not add up: {summary.line()}")
     return summary
+
+
+def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dimension: int, totals, on_batch):
+    """Each group of units as its own Ray Data job, then its commit; the embedding workers (`EmbedPool`) start
+    once, loading the model while the first group is read and prepared, and serve every group. Adds to
+    `totals`; returns the number of commits."""
+    from pipelines import lance_write
+    from pipelines.embed_pool import EmbedPool
+    from pipelines.stages import build_pipeline
+    from pipelines.work_units import units_dataset
+
+    resources = config.resources
+    num_gpus = resolve_num_gpus(resources.num_gpus_per_actor)
+    pool = EmbedPool.start(
+        config.embedder.model_dump_json(),
+        dimension,
+        resources.max_actors,
+        num_gpus,
+        resources.num_cpus_per_actor,
+    )
+    claims = lance_write.start_claims(CLAIM_PARTITIONS)
+    start_versions = (tables[0].version, tables[1].version)
+    commits = 0
+    try:
+        for group in groups:
+            target = _target(config.table, tables, kept, claims, start_versions)
+            pipeline = build_pipeline(
+                units_dataset(group, config.sources), config, target, num_gpus, pool=pool
+            )
+            sink = lance_write.datasink(target, tables[0].to_lance().schema)
+            pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+            done = lance_write.commit_wave(target, tables, sink.returns, {str(n): u.key for n, u in group})
+            lance_write.reset_claims(claims)
+            for key, value in done.counts.items():
+                totals[key] += value
+            commits += done.commits
+            if done.counts["errored"]:
+                log.info(
+                    "committed %d error rows (%d in this run)", done.counts["errored"], totals["errored"]
+                )
+            if done.counts["embedded"]:
+                log.info("committed %d vectors (%d in this run)", done.counts["embedded"], totals["embedded"])
+            if on_batch is not None:
+                on_batch(done.counts["read"])
+    finally:
+        pool.stop()
+    return commits
 
 
 CLAIM_PARTITIONS = 2  # IdClaims actors per run, each holding the ids of one group hashed to it

@@ -232,14 +232,15 @@ def prepare_memory(config: Config) -> int:
     return 512 * 2**20 + config.resources.prepare_batch_rows * per_row
 
 
-def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int | None = None):
+def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int | None = None, pool=None):
     """The rows of one group of work units (`work_units.units_dataset`) -> mark done (fused into the reads) ->
     prepare (CPU tasks) -> embed (actor pool), one lazy Dataset; `target`: `lance_write.Target`.
 
     The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it
     can hold. As their resources differ from the read's and the actors', Ray Data also keeps them a separate
     operator: a large file is prepared by many tasks, and the actors never decode while their GPU waits.
-    With `dimension` given, the actors load their model only once rows reach them that need it.
+    With `dimension` given, the actors load their model only once rows reach them that need it. With `pool`
+    (`embed_pool.EmbedPool`, the backfill's), the embed stage hands its batches to the run's long-lived workers.
     """
     import ray
 
@@ -258,6 +259,8 @@ def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int |
         num_cpus=1,
         memory=prepare_memory(config),
     )
+    if pool is not None:
+        return pool.stage(ds, resources.batch_rows)
     return ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={"config_json": embedder_json, "dimension": dimension},

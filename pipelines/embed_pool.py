@@ -1,0 +1,128 @@
+"""Embedding workers that live for the whole backfill run, shared by all its groups of work units.
+
+A backfill commits by group of units, and each group is its own Ray Data job (`pipelines.backfill`). A Ray
+Data actor pool (`map_batches(EmbedActor, compute=ActorPoolStrategy(...))`) lives only as long as its job, so
+every group started its actors again and loaded (and on a GPU, compiled) the model again: on an H200 about
+20 s per group, a large part of a whole run. Ray Data cannot keep an actor pool across datasets, so this pool
+is ours, made of plain Ray actors:
+
+- `EmbedWorker` (the model; on a GPU when the run has them): started once per run, loading its model at once,
+  so the load overlaps with the first group's reading and preparing. Ray restarts one that dies
+  (`max_restarts`) and retries its call (`max_task_retries`), as Ray Data does for its own actors.
+- `EmbedClient`: each group's Ray Data stage, a light CPU actor pool of the same size that hands its batches to
+  one loaded worker each (a slot taken from a counter, so the workers share the batches evenly) and passes the
+  worker's rows on. Ray Data's backpressure and accounting see this stage as the embed stage.
+
+The batch travels once more through the object store than with Ray Data's own actors (client -> worker ->
+client): a few MB per batch, small beside a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.stages import EmbedActor
+
+log = logging.getLogger(__name__)
+
+WORKER_RESTARTS = -1  # Ray restarts a dead worker as often as needed ...
+CALL_RETRIES = 3  # ... and retries a batch a few times: a batch that kills every worker fails the run
+
+
+class EmbedWorker(EmbedActor):
+    """The stage's `EmbedActor` as a long-lived Ray actor: `load` at start, then `embed` per batch."""
+
+    def load(self) -> int:
+        """Load the model now (not on the first batch) and give the vector size."""
+        if self.embedder is None:
+            self._load()
+        return self.dimension
+
+    def embed(self, batch):
+        return self(batch)
+
+
+class Slots:
+    """Hands out 0, 1, 2, ...: each client's worker is `slot % workers` (a Ray actor)."""
+
+    def __init__(self):
+        self.next = 0
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+
+class EmbedClient:
+    """A Ray Data stage actor: its batches go to one loaded `EmbedWorker` (by slot) and come back as they are.
+
+    Only workers whose model has loaded take batches: a worker Ray cannot place yet (no free GPU until the
+    cluster grows) never holds a batch back."""
+
+    def __init__(self, workers: tuple, loading: list, slots):
+        import ray
+
+        self.workers, self.loading = workers, loading
+        self.slot = ray.get(slots.take.remote())
+
+    def __call__(self, batch):
+        import ray
+
+        ready, _ = ray.wait(self.loading, num_returns=len(self.loading), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(self.loading, num_returns=1)
+        loaded = [w for w, ref in zip(self.workers, self.loading, strict=True) if ref in ready]
+        return ray.get(loaded[self.slot % len(loaded)].embed.remote(batch))
+
+
+@dataclass
+class EmbedPool:
+    """The run's workers, and what each group's Ray Data stage needs to use them."""
+
+    workers: tuple
+    slots: Any
+    loading: list  # each worker's `load` call
+
+    @classmethod
+    def start(
+        cls, config_json: str, dimension: int, size: int, num_gpus: float, num_cpus: float
+    ) -> EmbedPool:
+        """`size` workers, each loading its model at once (a worker Ray cannot place yet waits for room)."""
+        import ray
+
+        worker = ray.remote(EmbedWorker).options(
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            max_restarts=WORKER_RESTARTS,
+            max_task_retries=CALL_RETRIES,
+        )
+        workers = tuple(worker.remote(config_json, dimension) for _ in range(size))
+        slots = ray.remote(num_cpus=0)(Slots).remote()
+        return cls(workers, slots, [w.load.remote() for w in workers])
+
+    def stage(self, ds, batch_rows: int):
+        """`ds` with the embed stage: one client per worker, using no CPU of its own."""
+        import ray
+
+        return ds.map_batches(
+            EmbedClient,
+            fn_constructor_kwargs={"workers": self.workers, "loading": self.loading, "slots": self.slots},
+            compute=ray.data.ActorPoolStrategy(size=len(self.workers)),
+            batch_size=batch_rows,
+            batch_format="pyarrow",
+            num_cpus=CLIENT_CPUS,
+            udf_modifying_row_count=False,
+        )
+
+    def stop(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        ray.kill(self.slots, no_restart=True)
+
+
+CLIENT_CPUS = 0  # a client only waits on its worker; its worker holds the CPUs (a fraction here would leave a
+# 2-CPU node one short of a prepare task beside a 1-CPU worker)
