@@ -182,3 +182,15 @@ def test_the_pipeline_keeps_prepare_and_embed_apart_and_every_row_comes_out_once
     stats = pipeline.stats()
     assert "MapBatches(prepare_batch)" in stats and "MapBatches(EmbedActor)" in stats
     assert "prepare_batch)->MapBatches(EmbedActor" not in stats  # prepare was not fused into the actors
+
+
+def test_the_actor_warms_up_only_where_its_model_compiles(config, monkeypatch):
+    """`compile: auto` is a truthy string: on a CPU it compiles nothing, so the actor does not warm up."""
+    from pipelines.embedder import Embedder
+
+    warmed = []
+    monkeypatch.setattr(Embedder, "warm_up", lambda self, image_side=None: warmed.append(self.device.type))
+    EmbedActor(config.model_copy(update={"compile": "auto"}).model_dump_json())
+    assert warmed == []
+    EmbedActor(config.model_copy(update={"compile": True, "attention_layout": "packed"}).model_dump_json())
+    assert warmed == ["cpu"]  # asked for outright: compiled (at warm-up) even on a CPU
