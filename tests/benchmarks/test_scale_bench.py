@@ -70,7 +70,7 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         assert 0 < result["first_row_s"] < result["seconds"]
         assert result["commits"] >= 1
         assert 50 < result["driver_peak_mib"] < 4096 and 50 < result["worker_peak_mib"] < 4096
-        assert any("EmbedActor" in name for name in result["stages"])
+        assert any("EmbedClient" in name for name in result["stages"])
         assert any("prepare_batch" in name for name in result["stages"])
     printed = capsys.readouterr().out
     header = printed.splitlines()[0]

@@ -172,7 +172,7 @@ def test_kill_9_of_an_embedding_worker_mid_run_loses_no_row_and_repeats_none(
         while time.monotonic() < deadline and not killed:
             for process in psutil.Process(os.getpid()).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    if "EmbedActor" in " ".join(process.cmdline()):
+                    if "EmbedWorker" in " ".join(process.cmdline()):
                         os.kill(process.pid, signal.SIGKILL)
                         killed.append(process.pid)
                         return
