@@ -78,6 +78,24 @@ def fit(values: list[Any], target):
         raise ValueError(str(exc)) from exc
 
 
+def check_kept_types(schema, kept: dict[str, str], name: str) -> None:
+    """Refuse a table whose kept columns have other types than the config's: the readers type the values
+    with the config's, the table takes them as they are."""
+    import pyarrow as pa
+
+    from pipelines.table import TableConfigMismatch
+
+    wrong = [
+        f"{c!r} is {schema.field(c).type} in the table, {kind} in the config"
+        for c, kind in kept.items()
+        if schema.field(c).type != pa.type_for_alias(kind)
+    ]
+    if wrong:
+        raise TableConfigMismatch(
+            f"table {name!r}: kept column {', '.join(wrong)}; use mode: overwrite to rebuild it"
+        )
+
+
 def kept_values(rows, names: list[str]) -> dict[str, Any]:
     """The named fields of a table's `kept` column, one array each (a null struct gives nulls)."""
     import pyarrow as pa

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import EmbedderConfig, TableConfig
+from pipelines.kept import check_kept_types, kept_values
 from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
 
 log = logging.getLogger(__name__)
@@ -249,25 +250,8 @@ class BackfillSink:
             log.warning("could not build the indexes of %s: %s", self.config.name, exc)
 
 
-def check_kept_types(schema, kept: dict[str, str], name: str) -> None:
-    """Refuse a table whose kept columns have other types than the config's: the readers type the values
-    with the config's, the table takes them as they are."""
-    import pyarrow as pa
-
-    wrong = [
-        f"{c!r} is {schema.field(c).type} in the table, {kind} in the config"
-        for c, kind in kept.items()
-        if schema.field(c).type != pa.type_for_alias(kind)
-    ]
-    if wrong:
-        raise TableConfigMismatch(
-            f"table {name!r}: kept column {', '.join(wrong)}; use mode: overwrite to rebuild it"
-        )
-
-
 def kept_arrays(rows, schema, keep_columns: list[str]) -> dict[str, Any]:
     """The kept columns of `rows` (the fields of their typed `kept` struct) as the table's columns."""
-    from pipelines.kept import kept_values
 
     values = kept_values(rows, keep_columns)
     return {name: values[name].cast(schema.field(name).type) for name in keep_columns}
