@@ -514,8 +514,14 @@ class ResourcesConfig(StrictModel):
         "has GPUs, else 0 (the same pool runs on CPU).",
     )
     num_cpus_per_actor: float = Field(default=1, ge=0, description="CPUs per embedding actor.")
-    min_actors: int = Field(default=1, ge=1, description="Smallest embedding actor pool.")
-    max_actors: int = Field(default=1, ge=1, description="Largest embedding actor pool.")
+    min_actors: int = Field(
+        default=1,
+        ge=1,
+        description="Smallest embedding actor pool of `stages.build_pipeline` without a pool (Ray Data's "
+        "autoscaling pool). The backfill starts max_actors workers at once; each takes batches once its model "
+        "has loaded, so a cluster that can place fewer (yet) runs with those.",
+    )
+    max_actors: int = Field(default=1, ge=1, description="Embedding workers (actors) of a backfill run.")
     batch_rows: int = Field(default=256, ge=1, description="Rows handed to an embedding actor at a time.")
     prepare_batch_rows: int = Field(
         default=64, ge=1, description="Rows per CPU prepare task (decode, resize, tokenize)."
