@@ -9,7 +9,8 @@ Every engine has the same interface, so the embedder (and the reranker through i
 `PaddedForward` pads a step to its longest item and runs the model's own layers with a mask
 (`pipelines.forward`); `pipelines.packed.PackedForward` lays it end to end in one row with varlen attention;
 `pipelines.packed_legacy.LegacyPackedForward` is the previous packed engine (`engine: legacy`).
-`build_engine` picks one from the config (`attention_layout`, `engine`, `compile`, resolved for the device).
+`build_engine` picks one from the config (`attention_layout`, `engine`, `compile`, `cuda_graphs`, resolved for
+the device).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def build_engine(
         attention=config.varlen_attention,
         compile=config.resolved_compile(device.type, warmed_up=False),
         compile_at_warm_up=config.resolved_compile(device.type, warmed_up=True),
+        cuda_graphs=config.resolved_cuda_graphs(device.type),
     )
     if config.engine == "legacy":
         from pipelines.packed_legacy import LegacyPackedForward

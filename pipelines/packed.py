@@ -17,7 +17,8 @@ What measurements kept (benchmarks/NOTES.md, H200): regional compilation (`compi
 items/s): one compiled function calls a layer or block, shared by every layer, so each kind of module compiles
 once (two graphs each, around the attention call), with dynamic token counts; the vision groups and the position
 cache of `pipelines.vision` (rows 5, 6); the next step packed on a helper thread into pinned memory (row 6).
-The legacy engine's split of each layer's MLP into 16,384-token calls is not kept: the model's own layer runs
+With `cuda_graphs`, small text steps are padded to buckets and replayed from CUDA graphs captured at warm-up
+(`pipelines.step_graphs`; `_run` routes each step). The legacy engine's split of each layer's MLP into 16,384-token calls is not kept: the model's own layer runs
 its MLP over the whole step, whose size `max_batch_tokens` bounds (16,384 by default: the split never engaged
 at the default budget).
 """
@@ -37,6 +38,7 @@ from pipelines import warm_up as warming
 from pipelines.forward import decoder_states, resolve_layer
 from pipelines.pooling import pool_packed
 from pipelines.prepare import PreparedItem
+from pipelines.step_graphs import StepGraphs
 from pipelines.varlen import BackendChoice, Segments, resolve_backend, with_varlen_attention
 from pipelines.vision import PackedVision, host_to
 
@@ -122,6 +124,7 @@ class PackedEngine:
         attention: BackendChoice = "auto",
         compile: bool = False,
         compile_at_warm_up: bool = False,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.layer = resolve_layer(model, layer)
@@ -131,9 +134,23 @@ class PackedEngine:
         self.backend = resolve_backend(attention, self.device, self.dtype)
         self.compile = compile
         self.compile_at_warm_up = compile_at_warm_up  # compile: auto, on a GPU
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        self.cuda_graphs = cuda_graphs  # captured at warm-up (`pipelines.step_graphs`)
+        self.step_graphs = None  # a StepGraphs: text steps that fit a bucket go through it
+
+    def _run(self, batch: PackedBatch) -> torch.Tensor:
+        """One host batch: through the step graphs when it fits one of their buckets, else as it is."""
+        graphs = self.step_graphs
+        bucket = graphs.bucket(batch) if graphs is not None else None
+        if bucket is None:
+            if graphs is not None:
+                graphs.report.unbucketed += 1
+            return self.forward_packed(batch.to(self.device, self.dtype))
+        return graphs.run(batch, bucket)
 
     def forward(self, items: Sequence[PreparedItem]) -> torch.Tensor:
-        return self.forward_packed(self._pack(items).to(self.device, self.dtype))
+        return self._run(self._pack(items))
 
     def forward_steps(self, steps: Sequence[Sequence[PreparedItem]]) -> Iterator[torch.Tensor]:
         """`forward` of each step in turn, with the next step packed on a helper thread meanwhile.
@@ -150,15 +167,18 @@ class PackedEngine:
             for step in steps[1:]:
                 batch = packing.result()
                 packing = pool.submit(self._pack, step)
-                yield self.forward_packed(batch.to(self.device, self.dtype))
-            yield self.forward_packed(packing.result().to(self.device, self.dtype))
+                yield self._run(batch)
+            yield self._run(packing.result())
 
     def _pack(self, items: Sequence[PreparedItem]) -> PackedBatch:
         return pack(items, self.model.config.image_token_id, pin=self.device.type == "cuda")
 
     @torch.inference_mode()
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        segments = Segments.from_lengths(batch.lengths, self.device)
+        return self.pooled(batch, Segments.from_lengths(batch.lengths, self.device))
+
+    def pooled(self, batch: PackedBatch, segments: Segments) -> torch.Tensor:
+        """`[sequences, D]` float32 pooled states of a device batch: what a step graph captures."""
         hidden = self.hidden_states(batch, segments)
         return pool_packed(hidden, segments.cu_seqlens, self.pooling)
 
@@ -174,7 +194,11 @@ class PackedEngine:
         warm-up; returns the seconds it took."""
         if self.compile_at_warm_up and not self.compile:
             self.use_compiled()
-        return warming.warm_up(self, image_side=image_side, step_tokens=step_tokens)
+        seconds = warming.warm_up(self, image_side=image_side, step_tokens=step_tokens)
+        if self.cuda_graphs and self.step_graphs is None:
+            self.step_graphs = StepGraphs(self)
+            seconds += self.step_graphs.capture().seconds
+        return seconds
 
     def run_full_steps(self, step_tokens: int, image_side: int | None = None) -> int:
         return warming.run_full_steps(self, step_tokens, image_side)
