@@ -6,8 +6,11 @@
 For each model shape and workload it measures, in the same process: the bf16 matmul ceiling, the baseline
 recipe (`benchmarks/baseline.py`) and our embedder's variants (`--variant`, e.g. padded, packed,
 packed+compile), and prints items/s, tokens/s, MFU (useful FLOPs as `benchmarks/flops.py` counts them / time /
-measured ceiling), peak GPU memory, the ratio to the baseline, the cosine to the baseline's vectors and the
-cold start (model load + embedder build + warm-up/compilation). Every row is written to the JSON file as soon
+measured ceiling), peak GPU memory, the ratio to the baseline, the cosine to the baseline's vectors, the
+cold start (model load + embedder build + warm-up/compilation) and every timed pass (with what each paid for:
+compiles, allocator growth, pinned host blocks). `--cold-start` adds a new process's start to its first vector,
+with an empty compiler cache and with the cache it left; the `text1`/`text8` workloads are Serve-sized steps of
+1 and 8 short texts (what `cuda_graphs` is for; its buckets, memory and replays are printed with the row). Every row is written to the JSON file as soon
 as it is measured, so a run cut short keeps what it measured. Items are random prepared items at the workload's
 shapes (`pipelines.synthetic`): the table measures the model side, not tokenization or image decoding.
 """
@@ -27,7 +30,10 @@ from typing import Any
 import numpy as np
 
 SHAPES = ("tiny", "2b", "8b")
-WORKLOADS = ("text", "image")
+# text1 / text8: short texts (20-60 tokens, Serve's single requests) in steps of 1 and 8 items: the small steps
+# that are host-bound on a GPU, what CUDA graphs (`cuda_graphs`) are for
+WORKLOADS = ("text", "image", "text1", "text8")
+STEP_ITEMS = {"text1": 1, "text8": 8}
 # Every variant names its layout and compile setting: the config's defaults (auto) would pick them by device.
 # `legacy:` variants run the previous packed engine (`engine: legacy`), the one the README's figures were
 # measured with, so that one run compares the two engines.
@@ -40,14 +46,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed-sdpa": {**_PACKED, "varlen_attention": "sdpa"},
     "packed+fp8": {**_PACKED, "quantization": "fp8"},
     "packed+compile+fp8": {**_PACKED, "compile": True, "quantization": "fp8"},
+    "packed+graphs": {**_PACKED, "cuda_graphs": True},
+    "packed+compile+graphs": {**_PACKED, "compile": True, "cuda_graphs": True},
     "legacy:packed": {**_PACKED, "engine": "legacy"},
     "legacy:packed+compile": {**_PACKED, "compile": True, "engine": "legacy"},
 }
 # BENCHMARK.md's sizes on a GPU; CI-sized ones for the tiny model on a CPU
 SIZES = {
-    "tiny": {"text": 256, "image": 16, "image_side": 64},
-    "2b": {"text": 2048, "image": 256, "image_side": 448},
-    "8b": {"text": 2048, "image": 256, "image_side": 448},
+    "tiny": {"text": 256, "image": 16, "image_side": 64, "small": 32},
+    "2b": {"text": 2048, "image": 256, "image_side": 448, "small": 256},
+    "8b": {"text": 2048, "image": 256, "image_side": 448, "small": 256},
 }
 TARGETS = {("2b", "text"): 1100, ("8b", "text"): 240, ("2b", "image"): 320, ("8b", "image"): 130}
 TARGET_MFU = {("2b", "text"): 0.60, ("8b", "text"): 0.63, ("2b", "image"): 0.50, ("8b", "image"): 0.60}
@@ -56,7 +64,7 @@ TARGET_MFU = {("2b", "text"): 0.60, ("8b", "text"): 0.63, ("2b", "image"): 0.50,
 @dataclass
 class Settings:
     shapes: list[str] = field(default_factory=lambda: ["tiny"])
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: ["text", "image"])
     variants: list[str] | None = None  # default: padded + packed (+ packed+compile on a GPU)
     device: str = "auto"
     dtype: str = "auto"
@@ -67,7 +75,9 @@ class Settings:
     max_batch_tokens: int = 16384
     baseline: bool = True
     cached_compile: bool = True
-    passes: int = 1  # timed passes of our variants; the row reports the median
+    passes: int = 1  # timed passes of our variants; the row reports the median, and every pass
+    small_items: int | None = None  # items in the text1/text8 sets
+    cold_start: bool = False  # a new process's start to its first vector, without and with the compile cache
     deadline_s: float | None = None
     json_path: Path | None = None
 
@@ -174,6 +184,9 @@ class Bench:
             count = s.text_items if s.text_items is not None else sizes["text"]
             lengths = synthetic.lognormal_lengths(rng, count)
             return [synthetic.text_item(rng, int(n), model_config) for n in lengths]
+        if workload in STEP_ITEMS:
+            count = s.small_items if s.small_items is not None else sizes["small"]
+            return [synthetic.text_item(rng, int(n), model_config) for n in rng.integers(20, 61, count)]
         count = s.image_items if s.image_items is not None else sizes["image"]
         side = s.image_side or sizes["image_side"]
         return [synthetic.image_item(rng, model_config, side, text_tokens=20) for _ in range(count)]
@@ -183,12 +196,13 @@ class Bench:
 
         row = dict(context, recipe="baseline", backend=model.config._attn_implementation)
         try:
+            size = STEP_ITEMS.get(context["workload"]) or batch_size_for(items)
             warm = time.perf_counter()
-            baseline_embed(model, items[: batch_size_for(items)], pad_token_id)
+            baseline_embed(model, items[:size], pad_token_id, size)
             _sync(self.device)
             row["warm_up_s"] = time.perf_counter() - warm
             row["cold_start_s"] = load_s + row["warm_up_s"]
-            seconds, vectors, peak = self._timed(lambda: baseline_embed(model, items, pad_token_id))
+            seconds, vectors, peak = self._timed(lambda: baseline_embed(model, items, pad_token_id, size))
         except Exception as exc:
             self._record(dict(row, status=_error(exc)))
             return None
@@ -205,13 +219,19 @@ class Bench:
             embedder = self._build_and_warm(row, context, variant, model, tokenizer, image_processor, load_s)
             row["backend"] = _backend(embedder)
             row["graphs_compiled"] = _compiled_graphs() - graphs_before
+            _graph_report(row, embedder)
             graphs_before = _compiled_graphs()
-            seconds, vectors, peak = self._timed_passes(row, lambda: embedder.embed_prepared(items))
+            step = STEP_ITEMS.get(context["workload"])
+            seconds, vectors, peak = self._timed_passes(row, lambda: embedder.embed_prepared(items, step))
             row["recompiles_in_run"] = _compiled_graphs() - graphs_before
+            _graph_report(row, embedder)
             self._record(self._figures(row, seconds, peak, vectors, reference))
             first_workload = context["workload"] == self.settings.workloads[0]
             if VARIANTS[variant].get("compile") and self.settings.cached_compile and first_workload:
                 self._cached_cold_start(context, variant, model, tokenizer, image_processor, load_s)
+            if self.settings.cold_start and first_workload:
+                for row in cold_starts(context["model"], variant, self.device, self.settings):
+                    self._record(dict(context, **row))
         except Exception as exc:
             self._record(dict(row, status=_error(exc)))
         finally:
@@ -270,9 +290,16 @@ class Bench:
 
     def _timed_passes(self, row, fn):
         """`passes` timed runs of `fn`: the median's seconds (each pass's in `row["pass_s"]`), the last
-        vectors, the highest peak."""
-        runs = [self._timed(fn) for _ in range(max(1, self.settings.passes))]
+        vectors, the highest peak. Per pass also what a first pass may pay for (`row["pass_costs"]`): graphs
+        compiled, new device memory segments (cudaMalloc), new pinned host allocations."""
+        runs, costs = [], []
+        for _ in range(max(1, self.settings.passes)):
+            before = _pass_counters(self.device)
+            runs.append(self._timed(fn))
+            after = _pass_counters(self.device)
+            costs.append({key: after[key] - before[key] for key in after if key in before})
         row["pass_s"] = [seconds for seconds, _, _ in runs]
+        row["pass_costs"] = costs
         peaks = [peak for _, _, peak in runs if peak is not None]
         return float(np.median(row["pass_s"])), runs[-1][1], max(peaks) if peaks else None
 
@@ -341,6 +368,81 @@ class Bench:
         return True
 
 
+# -- cold start: a new process to its first vector ----------------------------------------------------------
+
+
+def cold_starts(shape: str, variant: str, device, settings: Settings) -> list[dict[str, Any]]:
+    """What a new backfill actor or Serve replica pays before its first vector, measured as one: a fresh
+    process (`--first-vector`) that imports, builds the model, builds and warms up the embedder and embeds one
+    text. Twice, with one compiler cache directory (TORCHINDUCTOR_CACHE_DIR): empty, then as the first run left
+    it, which is what a cache on the cluster's shared storage gives a new node. Seconds from the process's start
+    (as the parent sees it) to the first vector, and the child's own breakdown."""
+    import os
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cache:
+        for label in ("no cache", "cache"):
+            row = {"recipe": f"{variant} (start, {label})", "status": "cold start only"}
+            environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+            command = [sys.executable, "-m", "benchmarks.bench", "--first-vector", "--shape", shape]
+            command += ["--variant", variant, "--device", str(device), "--dtype", settings.dtype]
+            command += ["--max-batch-tokens", str(settings.max_batch_tokens)]
+            began = time.perf_counter()
+            done = subprocess.run(command, env=environ_with_path(environment), capture_output=True, text=True)
+            row["cold_start_s"] = time.perf_counter() - began
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                row["status"] = f"error: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+            else:
+                row.update(json.loads(lines[-1]))
+            rows.append(row)
+    return rows
+
+
+def environ_with_path(environment: dict[str, str]) -> dict[str, str]:
+    """`environment` with this checkout first on PYTHONPATH, so the child imports the same code."""
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    path = environment.get("PYTHONPATH", "")
+    return dict(environment, PYTHONPATH=os.pathsep.join(p for p in (root, path) if p))
+
+
+def first_vector(shape: str, variant: str, device: str, dtype: str, max_batch_tokens: int) -> dict[str, Any]:
+    """In a fresh process: the seconds of each part of a start, up to one text's vector (`--first-vector`)."""
+    began = time.perf_counter()
+    import torch
+
+    from pipelines.config import EmbedderConfig
+    from pipelines.embedder import Embedder
+
+    figures: dict[str, Any] = {"imports_s": time.perf_counter() - began}
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    torch_dtype = getattr(
+        torch, dtype if dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    )
+    mark = time.perf_counter()
+    model, tokenizer, image_processor = load_models(shape, device, torch_dtype)
+    _sync(device)
+    figures["load_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    config = EmbedderConfig(model=shape, max_batch_tokens=max_batch_tokens, **VARIANTS[variant])
+    embedder = Embedder(model, tokenizer, image_processor=image_processor, config=config)
+    figures["build_s"] = time.perf_counter() - mark
+    figures["warm_up_s"] = embedder.warm_up()
+    mark = time.perf_counter()
+    vector = embedder.embed_batch(["the first request of a new replica"])
+    figures["first_vector_s"] = time.perf_counter() - mark
+    figures["to_first_vector_s"] = time.perf_counter() - began
+    figures["graphs_compiled"] = _compiled_graphs()
+    figures["dimension"] = int(vector.shape[1])
+    return figures
+
+
 # -- models ------------------------------------------------------------------------------------------------
 
 
@@ -380,7 +482,8 @@ def _backend(embedder) -> str:
     engine = embedder.engine
     if engine.layout == "padded":
         return embedder.model.config._attn_implementation
-    return f"{engine.backend}{'+compile' if engine.compile else ''} ({embedder.config.engine})"
+    graphs = "+graphs" if getattr(engine, "step_graphs", None) is not None else ""
+    return f"{engine.backend}{'+compile' if engine.compile else ''}{graphs} ({embedder.config.engine})"
 
 
 def _compiled_graphs() -> int:
@@ -390,6 +493,38 @@ def _compiled_graphs() -> int:
         return int(counters["stats"]["unique_graphs"])
     except Exception:
         return 0
+
+
+def _pass_counters(device) -> dict[str, int]:
+    """Counters whose growth over a pass says what it paid for once: compiled graphs, and on a GPU new
+    device segments (the caching allocator growing) and new pinned host blocks (pinning is slow, once)."""
+    import torch
+
+    counters = {"graphs": _compiled_graphs()}
+    if device.type == "cuda":
+        counters["device_segments"] = int(torch.cuda.memory_stats(device).get("segment.all.allocated", 0))
+        try:
+            host = torch.cuda.host_memory_stats()
+            counters["host_allocs"] = int(host.get("num_host_alloc", host.get("allocations.allocated", 0)))
+        except Exception:  # an older torch: no host allocator statistics
+            pass
+    return counters
+
+
+def _graph_report(row, embedder) -> None:
+    """The CUDA graphs' figures (buckets, memory, capture seconds, replays) when the engine has graphs."""
+    graphs = getattr(embedder.engine, "step_graphs", None)
+    if graphs is None:
+        return
+    report = graphs.report
+    row.update(
+        graph_buckets=len(report.buckets),
+        graph_dropped=len(report.dropped),
+        graph_gib=report.memory_bytes / 2**30,
+        graph_capture_s=report.seconds,
+        graph_replays=report.replays,
+        graph_unbucketed=report.unbucketed,
+    )
 
 
 def _sync(device) -> None:
@@ -440,20 +575,54 @@ COLUMNS = (
     ("ratio", "{:.2f}x", 6),
     ("cosine_min", "{:.4f}", 7),
     ("cold_start_s", "{:.1f}", 7),
+    ("pass_s", "{}", 17),
     ("backend", "{}", 13),
 )
-HEADERS = ("model", "workload", "recipe", "items/s", "tokens/s", "MFU", "GiB", "x base", "cos min", "cold s")
+HEADERS = (
+    "model",
+    "workload",
+    "recipe",
+    "items/s",
+    "tokens/s",
+    "MFU",
+    "GiB",
+    "x base",
+    "cos min",
+    "cold s",
+    "passes s",
+)
 
 
 def format_row(row: dict[str, Any]) -> str:
     cells = []
     for key, fmt, width in COLUMNS:
         value = row.get(key)
+        if key == "pass_s" and value is not None:  # every timed pass, in order: a slow first one shows
+            value = "/".join(f"{seconds:.3g}" for seconds in value)
         cells.append(("-" if value is None else fmt.format(value)).rjust(width) if key != "recipe" else "")
         if key == "recipe":
             cells[-1] = str(value or "-").ljust(width)
     status = row.get("status", "ok")
-    return " ".join(cells) + ("" if status == "ok" else f"  [{status}]")
+    extra = ""
+    if row.get("graph_buckets") is not None:
+        extra += (
+            f"  [graphs: {row['graph_buckets']} buckets, {row['graph_gib']:.2f} GiB, captured in "
+            f"{row['graph_capture_s']:.1f} s, {row['graph_replays']} replays, {row['graph_unbucketed']} steps "
+            "outside the buckets]"
+        )
+    costs = row.get("pass_costs") or []
+    if any(any(c.values()) for c in costs):  # what a pass paid for once (compiles, allocator growth, pinning)
+        extra += (
+            "  [per pass: "
+            + "; ".join(",".join(f"{k}+{v}" for k, v in c.items() if v) or "-" for c in costs)
+            + "]"
+        )
+    if row.get("to_first_vector_s") is not None:
+        extra += (
+            f"  [child: imports {row['imports_s']:.1f} s, load {row['load_s']:.1f}, build {row['build_s']:.1f}, "
+            f"warm-up {row['warm_up_s']:.1f}, first vector {row['first_vector_s']:.2f}]"
+        )
+    return " ".join(cells) + extra + ("" if status == "ok" else f"  [{status}]")
 
 
 def format_table(rows: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
@@ -533,6 +702,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed passes of each of our variants, reported as the median (the baseline runs once: its passes "
         "are long); short workloads (256 images in under a second) want 3 or more",
     )
+    p.add_argument("--small-items", type=int, help="items in the text1/text8 sets (default: 256; tiny: 32)")
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="for each variant (first workload): a new process's start to its first vector, with an empty "
+        "compiler cache and then with the cache it left (the cold start of a new actor or replica)",
+    )
+    p.add_argument("--first-vector", action="store_true", help=argparse.SUPPRESS)  # the --cold-start child
     p.add_argument("--deadline-s", type=float, help="skip what is left after this many seconds")
     p.add_argument("--json", dest="json_path", type=Path, help="write the rows here (after every row)")
     p.add_argument("--show", type=Path, metavar="JSON", help="only print the table of an earlier run's JSON")
@@ -546,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(document["rows"], document.get("env")))
         return 0
     del args.show
+    if args.first_vector:
+        shape, variant = (args.shapes or ["tiny"])[0], (args.variants or ["packed"])[0]
+        print(json.dumps(first_vector(shape, variant, args.device, args.dtype, args.max_batch_tokens)))
+        return 0
+    del args.first_vector
     settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
     bench = Bench(settings)
     rows = bench.run()

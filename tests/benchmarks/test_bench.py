@@ -133,3 +133,58 @@ def test_the_table_says_whether_the_best_recipe_meets_the_target():
     assert "target 2b text: >= 1100 items/s" in table and "best packed+compile 1,200.0 items/s" in table
     assert "(meets)" in table and "target 8b text" in table and "(misses)" in table
     assert "[error: OutOfMemoryError]" in table
+
+
+def test_small_step_workloads_run_one_and_eight_items_a_step_and_a_new_process_is_timed_to_its_first_vector(
+    tmp_path, capsys, tiny_model_dir
+):
+    out = tmp_path / "small.json"
+    argv = ["--workload", "text1", "--workload", "text8", "--small-items", "9", "--variant", "packed"]
+    code = main([*argv, "--passes", "2", "--cold-start", "--json", str(out)])
+    assert code == 0
+    rows = {(row["workload"], row["recipe"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        ("text1", "baseline"),
+        ("text1", "packed"),
+        ("text8", "baseline"),
+        ("text8", "packed"),
+        ("text1", "packed (start, no cache)"),
+        ("text1", "packed (start, cache)"),
+    }
+    for workload in ("text1", "text8"):
+        row = rows[workload, "packed"]
+        assert row["status"] == "ok" and row["items"] == 9 and row["cosine_min"] > 0.99999
+        assert 20 <= row["tokens"] / 9 <= 60  # short texts, Serve-sized
+        assert len(row["pass_s"]) == 2 and len(row["pass_costs"]) == 2  # every pass, with what it paid for
+    for label in ("no cache", "cache"):
+        row = rows["text1", f"packed (start, {label})"]
+        assert row["status"] == "cold start only", row["status"]
+        # the parent's clock (process start included) covers the child's own, which adds up its parts
+        assert row["cold_start_s"] >= row["to_first_vector_s"] > 0
+        parts = row["imports_s"] + row["load_s"] + row["build_s"] + row["warm_up_s"] + row["first_vector_s"]
+        assert row["to_first_vector_s"] == pytest.approx(parts, abs=0.05)
+        assert row["dimension"] == 64  # the tiny model's hidden size: a real vector came back
+    table = capsys.readouterr().out
+    assert "packed (start, no cache)" in table and "first vector" in table
+    passes = "/".join(f"{s:.3g}" for s in rows["text8", "packed"]["pass_s"])
+    assert passes in table  # every timed pass is printed, not only the median
+
+
+def test_the_table_shows_the_graphs_and_what_each_pass_paid_for():
+    row = {
+        "model": "2b",
+        "workload": "text1",
+        "recipe": "packed+compile+graphs",
+        "items_per_s": 300.0,
+        "pass_s": [1.21, 0.7, 0.7],
+        "pass_costs": [{"graphs": 0, "device_segments": 3, "host_allocs": 2}, {"graphs": 0}, {"graphs": 0}],
+        "graph_buckets": 36,
+        "graph_gib": 0.25,
+        "graph_capture_s": 2.5,
+        "graph_replays": 256,
+        "graph_unbucketed": 0,
+    }
+    line = format_table([row])
+    assert "1.21/0.7/0.7" in line
+    assert "36 buckets, 0.25 GiB" in line and "256 replays" in line
+    assert "per pass: device_segments+3,host_allocs+2; -; -" in line
