@@ -43,11 +43,17 @@ def warm_up(
 
 
 def run_full_steps(engine, step_tokens: int, image_side: int | None = None) -> int:
-    """`warm_up`'s GPU part: one full step of texts, then (with `image_side`) two of images, through
-    `forward_steps` as a run would, so that two image steps' pinned buffers are live at once (one running,
-    the next being packed) and get allocated here, not in the first pass. Returns the steps run."""
+    """`warm_up`'s GPU part: one full step of texts, then (with `image_side`) three of images and a half one,
+    through `forward_steps` as a run would. Pinned host blocks come in power-of-two sizes and are slow to
+    allocate once (~0.5 GB for a 2B image step): a run holds one being packed, one being copied and, while the
+    host runs ahead of the GPU, the one before; and a run's last step is usually partial, another size. Two
+    image steps (the earlier warm-up) still left 2B images' first pass at 211 items/s against 363 (NOTES,
+    second lease); the bench's per-pass costs (`host_allocs`, `device_segments`) say whether this is enough.
+    Returns the steps run."""
     steps = full_steps(engine.model.config, step_tokens, image_side)
-    steps.append(steps[-1])
+    if image_side:
+        images = steps[-1]
+        steps += [images, images, images[: max(1, len(images) // 2)]]
     for _ in engine.forward_steps(steps):
         pass
     return len(steps)
