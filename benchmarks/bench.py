@@ -77,7 +77,7 @@ class Settings:
     cached_compile: bool = True
     passes: int = 1  # timed passes of our variants; the row reports the median, and every pass
     small_items: int | None = None  # items in the text1/text8 sets
-    cold_start: bool = False  # a new process's start to its first vector, without and with the compile cache
+    cold_start: list[str] | None = None  # variants timed from a new process's start to their first vector
     deadline_s: float | None = None
     json_path: Path | None = None
 
@@ -229,7 +229,7 @@ class Bench:
             first_workload = context["workload"] == self.settings.workloads[0]
             if VARIANTS[variant].get("compile") and self.settings.cached_compile and first_workload:
                 self._cached_cold_start(context, variant, model, tokenizer, image_processor, load_s)
-            if self.settings.cold_start and first_workload:
+            if variant in (self.settings.cold_start or ()) and first_workload:
                 for row in cold_starts(context["model"], variant, self.device, self.settings):
                     self._record(dict(context, **row))
         except Exception as exc:
@@ -705,9 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-items", type=int, help="items in the text1/text8 sets (default: 256; tiny: 32)")
     p.add_argument(
         "--cold-start",
-        action="store_true",
-        help="for each variant (first workload): a new process's start to its first vector, with an empty "
-        "compiler cache and then with the cache it left (the cold start of a new actor or replica)",
+        action="append",
+        choices=sorted(VARIANTS),
+        metavar="VARIANT",
+        help="for this variant (repeat; after its first workload): a new process's start to its first vector, "
+        "with an empty compiler cache and then with the cache it left (a new actor's or replica's cold start)",
     )
     p.add_argument("--first-vector", action="store_true", help=argparse.SUPPRESS)  # the --cold-start child
     p.add_argument("--deadline-s", type=float, help="skip what is left after this many seconds")

@@ -17,6 +17,14 @@ elapsed() { echo $(( $(date +%s) - began )); }
 # needs: a Serve-only session is SKIP_BENCH=1 here, then device_ray.sh in the next call).
 # The default compares the two packed engines, compiled, in one run: hooks (the default engine, the model's own
 # layers through AttentionInterface) against legacy (the engine README's figures were measured with).
+# GRAPHS=1: the CUDA-graph session instead (issue 17; NOTES "CUDA graphs for small steps"): 2B, Serve-sized steps
+# of 1 and 8 texts and the image set, compiled with and without graphs, every pass, and a new process's start to
+# its first vector with and without the compiler cache (~4-5 minutes: timeout_s 420).
+if [ "${GRAPHS:-0}" = 1 ]; then
+  BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --workload text1 --workload text8 --workload image --variant packed+compile \
+--variant packed+compile+graphs --passes 3 --no-cached-compile --cold-start packed+compile+graphs"}
+  BENCH_DEADLINE=${BENCH_DEADLINE:-240}
+fi
 BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed+compile --variant legacy:packed+compile --passes 3"}
 BENCH_DEADLINE=${BENCH_DEADLINE:-270}
 if [ -d .devwheels/q1 ]; then  # the first half of the Ray pack: device_ray.sh picks it up in the next call
@@ -49,8 +57,9 @@ fi
 echo "== [$(elapsed) s] GPU checks: flash varlen kernel, packed layout in bf16 =="
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -s \
   tests/pipelines/test_varlen.py tests/pipelines/test_packed.py tests/pipelines/test_gpu_real_shape.py \
+  tests/pipelines/test_step_graphs.py \
   >"$OUT/gpu_tests.log" 2>&1
-echo "pytest exit $?"; grep -E "passed|failed|skipped|rror|cosine" "$OUT/gpu_tests.log" | tail -10
+echo "pytest exit $?"; grep -E "passed|failed|skipped|rror|cosine|graphs:" "$OUT/gpu_tests.log" | tail -10
 
 bench() {  # bench NAME TITLE ARGS: one bounded bench run, its output in $OUT/NAME.{out,log,json}
   local name=$1 title=$2 args=$3

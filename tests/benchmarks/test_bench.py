@@ -140,7 +140,7 @@ def test_small_step_workloads_run_one_and_eight_items_a_step_and_a_new_process_i
 ):
     out = tmp_path / "small.json"
     argv = ["--workload", "text1", "--workload", "text8", "--small-items", "9", "--variant", "packed"]
-    code = main([*argv, "--passes", "2", "--cold-start", "--json", str(out)])
+    code = main([*argv, "--passes", "2", "--cold-start", "packed", "--json", str(out)])
     assert code == 0
     rows = {(row["workload"], row["recipe"]): row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {
