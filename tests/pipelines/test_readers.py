@@ -1,6 +1,5 @@
 """Readers turn every source into the same rows, with stable ids, and every unreadable line into an error row."""
 
-
 import pytest
 from pydantic import ValidationError
 
