@@ -248,6 +248,7 @@ def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, ke
     mode=overwrite) and made empty where missing."""
     import pyarrow as pa
 
+    from pipelines.kept import check_kept_types
     from pipelines.progress import open_progress, progress_name
     from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
 
@@ -267,6 +268,7 @@ def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, ke
                 f"table {table.name!r} has no column(s) {missing} to keep; "
                 "use mode: overwrite to rebuild it with them"
             )
+        check_kept_types(vectors.schema, kept, table.name)  # the readers type values the config's way
     errors = _open(db, table.errors_name)
     if errors is None:
         errors = db.create_table(table.errors_name, schema=errors_schema())
@@ -298,14 +300,10 @@ def _target(table: TableConfig, tables, kept: dict[str, str], claims: tuple, sta
 
 
 def kept_columns(config: Config) -> dict[str, str]:
-    """Every source's kept columns with their types; one column kept by two sources must have one type."""
-    kept: dict[str, str] = {}
-    for source in config.sources:
-        for name in source.keep_columns:
-            kind = source.keep_types.get(name, "string")
-            if kept.setdefault(name, kind) != kind:
-                raise ValueError(f"kept column {name!r} is {kept[name]} in one source and {kind} in another")
-    return kept
+    """Every source's kept columns with their types (`kept.kept_types`, the readers' own rule)."""
+    from pipelines.kept import kept_types
+
+    return kept_types(config.sources)
 
 
 # -- command line --------------------------------------------------------------------------------------------
