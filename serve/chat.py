@@ -7,7 +7,9 @@ its text (and image, if it has one) is embedded as a search query, the table's t
 put into the prompt with `pipelines.answer` (earlier messages stay in the conversation, a system message
 replaces the configured system prompt), and the model replica that holds the embedder generates with the same
 weights (`serve.models.EmbeddingModel.generate`, `pipelines.generation`). The rows used come back as `sources`
-(an extension field, in the first chunk when streaming). Extension request field: `retrieval: {top_k, filter}`.
+(an extension field, in the first chunk when streaming). Extension request field: `retrieval: {top_k, filter,
+mode}`, `mode` as in POST /search and `pipelines.search.retrieve_context`: vector (default), text (the table's
+full-text index, nothing embedded) or hybrid.
 
 Only a config with an `answer:` section and an Instruct checkpoint answers; otherwise 400 says why. Auth,
 body limits and the error shape are those of every other route (`serve.routes`, `serve.errors`).
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pipelines.config import AnswerConfig, Config, EmbedderConfig
 from serve.errors import ApiError
 from serve.inputs import InputLimits, check_text, decode_image
+from serve.schemas import SearchMode
 
 
 class _Request(BaseModel):
@@ -57,6 +60,11 @@ class StreamOptions(_Request):
 class Retrieval(_Request):
     top_k: StrictInt | None = Field(default=None, ge=1, description="Rows put into the prompt.")
     filter: StrictStr | None = Field(default=None, max_length=4096, description="A SQL filter on the table.")
+    mode: SearchMode = Field(
+        default="vector",
+        description="vector: the embedded question's cosine similarity; text: the table's full-text index on "
+        "text (nothing embedded; takes no image); hybrid: both, fused (POST /search's mode).",
+    )
 
 
 class ChatCompletionRequest(_Request):
@@ -222,7 +230,9 @@ def add_chat_route(api, service, authorize, check_model) -> None:
                 code="invalid_value",
             )
         history, system, question, image = _question(req, service.limits)
-        rows, query_tokens = await _retrieve(service, question, image, top_k, retrieval.filter)
+        rows, query_tokens = await _retrieve(
+            service, question, image, top_k, retrieval.filter, retrieval.mode
+        )
         loop = asyncio.get_running_loop()
         try:
             prompt, sources = await loop.run_in_executor(
@@ -259,16 +269,23 @@ def add_chat_route(api, service, authorize, check_model) -> None:
         return JSONResponse(head.completion("".join(pieces), end))
 
 
-async def _retrieve(service, question: str, image: bytes | None, top_k: int, where: str | None):
-    """The question's nearest rows, embedded and searched as POST /search does."""
+async def _retrieve(
+    service, question: str, image: bytes | None, top_k: int, where: str | None, mode: str = "vector"
+):
+    """The question's best rows for the retrieval mode, embedded (vector, hybrid) and searched as POST /search
+    does; a mode the question or the table cannot run is a 422 naming retrieval.mode, before anything is
+    embedded."""
     from pipelines.pooling import matryoshka
 
     item = {"text": question, **({"image": image} if image is not None else {})}  # checked by _question
     plan = await asyncio.to_thread(service.search_table.plan)
     service.search_table.check_filter(plan, where)
-    vectors, tokens = await service.embed([item], ["messages[-1]"], query=True)  # 503 past its timeout
-    vector = matryoshka(vectors, plan.dimension, service.normalize)[0]
-    rows = await asyncio.to_thread(service.search_table.search, plan, vector, top_k, where)
+    service.search_table.check_mode(plan, mode, question, image, param="retrieval.mode")
+    vector, tokens = None, 0
+    if mode != "text":  # a full-text search embeds nothing
+        vectors, tokens = await service.embed([item], ["messages[-1]"], query=True)  # 503 past its timeout
+        vector = matryoshka(vectors, plan.dimension, service.normalize)[0]
+    rows = await asyncio.to_thread(service.search_table.search, plan, vector, top_k, where, mode, question)
     return rows, tokens
 
 

@@ -81,20 +81,20 @@ class SearchTable:
             raise ApiError(422, str(exc), param="filter", code="invalid_filter") from exc
 
     @staticmethod
-    def check_mode(plan: QueryPlan, mode: str, text: str | None, image: str | None) -> None:
+    def check_mode(plan: QueryPlan, mode: str, text: str | None, image: Any, param: str = "mode") -> None:
         """422 for a query the mode cannot run (text without a text, text with an image, no full-text index),
-        before the query is embedded."""
+        before the query is embedded; `param` names the request's field (`retrieval.mode` in chat)."""
         from pipelines.table_query import SearchModeError, check_mode, has_text_index
 
         try:
             check_mode(mode, text, image)
         except SearchModeError as exc:
-            raise ApiError(422, str(exc), param="mode", code="invalid_value") from exc
+            raise ApiError(422, str(exc), param=param, code="invalid_value") from exc
         if mode != "vector" and not has_text_index(plan.table):
             raise ApiError(
                 422,
                 f"table {plan.table.name!r} has no full-text index on 'text', which mode {mode!r} needs",
-                param="mode",
+                param=param,
                 code="invalid_value",
             )
 

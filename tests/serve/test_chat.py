@@ -18,10 +18,15 @@ QUESTION = PASSAGES["t-circle"]  # a row's own text: that row is retrieved first
 
 
 @pytest.fixture(scope="module")
-def chat_app(serve_http, tiny_model_dir, embedder, tmp_path_factory):
+def chat_table(embedder, tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("chat-db") / "lancedb")
     write_table(uri, embedder, PASSAGES)
-    config = app_config(tiny_model_dir, uri).model_copy(update={"answer": ANSWER})
+    return uri
+
+
+@pytest.fixture(scope="module")
+def chat_app(serve_http, tiny_model_dir, chat_table):
+    config = app_config(tiny_model_dir, chat_table).model_copy(update={"answer": ANSWER})
     with serve_http.deployed("chat", config, "/chat", **with_api_key()) as url:
         yield url
 
@@ -122,6 +127,35 @@ def test_an_image_in_the_question_is_answered_with_it(chat_app):
     assert response.json()["usage"]["completion_tokens"] > 0
 
 
+def embedded_items(url: str) -> int:
+    """Items the (one) model replica has embedded so far, from /healthz."""
+    return httpx.get(f"{url}/healthz", timeout=30).json()["batched_items"]
+
+
+def test_retrieval_takes_the_search_modes_of_retrieve_context(chat_app, chat_table, embedder):
+    from pipelines.search import retrieve_context
+
+    # the table is written as a backfill writes it, with its full-text index on text
+    question = "a round shape with no corners"
+    body = {**ask(), "messages": [{"role": "user", "content": question}]}
+    for mode in ("text", "hybrid", "vector"):
+        before = embedded_items(chat_app)
+        response = post(chat_app, {**body, "retrieval": {"mode": mode, "top_k": 3}})
+        assert response.status_code == 200, response.text
+        sources = response.json()["sources"]
+        expected = retrieve_context(question, top_k=3, mode=mode, table=chat_table, embedder=embedder)
+        assert [s["id"] for s in sources] == [r["id"] for r in expected], mode
+        if mode == "text":  # the one row with these words (the tiny model's vectors are random)
+            assert [s["id"] for s in sources] == ["t-circle"]
+        assert embedded_items(chat_app) - before == (0 if mode == "text" else 1), mode  # text embeds nothing
+
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64_image(3)}"}}
+    with_image = [{"role": "user", "content": [{"type": "text", "text": question}, image]}]
+    response = post(chat_app, {"messages": with_image, "retrieval": {"mode": "text"}})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "retrieval.mode"
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [
@@ -137,6 +171,7 @@ def test_an_image_in_the_question_is_answered_with_it(chat_app):
         (ask(logit_bias={"1": 2}), 422, "logit_bias"),
         (ask(model="gpt-4o"), 404, "model"),
         (ask(retrieval={"top_k": 1000}), 422, "retrieval.top_k"),
+        (ask(retrieval={"mode": "semantic"}), 422, "retrieval.mode"),
         (ask(retrieval={"filter": "modality = 'text'; DROP TABLE vectors"}), 422, "filter"),
         (
             {
