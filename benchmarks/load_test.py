@@ -270,13 +270,30 @@ def run_levels(
             summary["server_batches"] = batches
             summary["server_mean_batch"] = (after["batched_items"] - before["batched_items"]) / batches
             summary["server_batches_per_s"] = batches / summary["wall_s"]  # the model replicas' step rate
+            if "model_calls" in after:  # calls from the ingress replicas: each carries one or more requests
+                summary["server_calls"] = after["model_calls"] - before.get("model_calls", 0)
+            if "forward_s" in after:  # the forward passes of the replica that answered /healthz
+                forward = after["forward_s"] - before.get("forward_s", 0.0)
+                summary["forward_busy"] = forward / summary["wall_s"]
+                summary["forward_cpu_ms_per_item"] = (
+                    1000
+                    * (after["forward_cpu_s"] - before.get("forward_cpu_s", 0.0))
+                    / max(after["batched_items"] - before["batched_items"], 1)
+                )
             summary["device"] = after.get("device")
         rows.append(summary)
         print(format_row(summary), flush=True)
         if "server_batches" in summary:
             print(
                 f"      server: {summary['server_batches']} batches ({summary['server_batches_per_s']:.1f}/s), "
-                f"{summary['server_mean_batch']:.1f} items each on average, on {summary['device']}",
+                f"{summary['server_mean_batch']:.1f} items each on average, on {summary['device']}"
+                + (f"; {summary['server_calls']} calls from the ingress" if "server_calls" in summary else "")
+                + (
+                    f"; forward passes {100 * summary['forward_busy']:.0f}% of the time, their thread "
+                    f"{summary['forward_cpu_ms_per_item']:.2f} CPU ms per item"
+                    if "forward_busy" in summary
+                    else ""
+                ),
                 flush=True,
             )
         if "cpu_ms_per_request" in summary:
@@ -319,19 +336,30 @@ class ServeCpu:
         return cls()
 
     def sample(self) -> dict[str, dict[int, float]]:
-        """CPU seconds so far of every process of each role, by pid (processes come and go with replicas)."""
+        """CPU seconds so far of every process of each role, by pid (processes come and go with replicas).
+        Only this process and its descendants count (the local Ray instance it started): another Serve app on a
+        shared machine, whose processes carry the same titles, is not ours."""
         import psutil
 
         seen: dict[str, dict[int, float]] = {role: {} for role in self.roles}
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            role = self.role_of(process.info["pid"], process.info["cmdline"] or [])
+        me = psutil.Process()
+        try:
+            ours = [me, *me.children(recursive=True)]
+        except psutil.Error:
+            ours = [me]
+        for process in ours:
+            try:
+                cmdline = process.cmdline()
+            except psutil.Error:
+                continue
+            role = self.role_of(process.pid, cmdline or [])
             if role is None:
                 continue
             try:
                 times = process.cpu_times()
             except psutil.Error:
                 continue
-            seen[role][process.info["pid"]] = times.user + times.system
+            seen[role][process.pid] = times.user + times.system
         return seen
 
     @staticmethod

@@ -42,11 +42,20 @@ __all__ = ["APP_NAME", "INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "RERANK_DEPLOYM
 APP_NAME = "vlm-embed"
 INGRESS_DEPLOYMENT = "EmbeddingService"  # HTTP: checks, preparing, responses (CPU replicas)
 PREPARE_THREADS = 4
+# Text-only requests of up to this many items are tokenized on the replica's event loop: a short text's
+# tokenizer call costs less CPU than handing it to the prepare pool and back (benchmarks/NOTES.md, issue 17);
+# images (decoding, resizing) and longer requests still go to the pool, so the loop never waits long
+INLINE_PREPARE_ITEMS = 4
+INLINE_PREPARE_CHARS = 4096
 # An ingress replica keeps this many calls to the model deployment in flight; the requests that arrive meanwhile
 # go together in its next call, or in one of their own once this many items wait (`serve.coalesce`)
 MODEL_CALLS_PER_INGRESS = 2
 MODEL_CALL_GROUP_ITEMS = 8
 HEALTH_TIMEOUT_S = 5.0
+# The model deployments' calls come from the ingress replicas, one per group of requests: a line per call in
+# their logs says nothing the HTTP access log does not, and writing it took ~5% of a model replica's Python
+# time (py-spy, benchmarks/NOTES.md), time its one thread of control owes the batches
+NO_ACCESS_LOG = {"enable_access_log": False}
 
 
 @ray_serve.deployment(name=INGRESS_DEPLOYMENT)
@@ -106,7 +115,12 @@ class EmbeddingService:
         loop = asyncio.get_running_loop()
         config = self.serve_config
         async with answered_within(config.request_timeout_s, config.retry_after_s, "embedding"):
-            prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, items, fields, query)
+            if prepares_inline(items):
+                prepared = self._prepare_all(items, fields, query)
+            else:
+                prepared = await loop.run_in_executor(
+                    self._prepare_pool, self._prepare_all, items, fields, query
+                )
             rows = await self._together.submit(prepared)
         raise_forward_errors(rows.errors, fields)
         return rows.values, sum(p.num_tokens for p in prepared)
@@ -133,6 +147,21 @@ class EmbeddingService:
             if reranker["status"] != "ok":
                 health["status"] = "loading"
         return health
+
+
+def prepares_inline(items: list[Any]) -> bool:
+    """Whether a request is prepared on the event loop: a few short texts, no image."""
+    if len(items) > INLINE_PREPARE_ITEMS:
+        return False
+    chars = 0
+    for item in items:
+        if isinstance(item, str):
+            chars += len(item)
+        elif item.get("image") is None:
+            chars += len(item.get("text") or "") + len(item.get("instruction") or "")
+        else:
+            return False
+    return chars <= INLINE_PREPARE_CHARS
 
 
 async def _health_of(handle) -> dict[str, Any]:
@@ -172,6 +201,7 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
         },
         "health_check_period_s": serve_config.health_check_period_s,
         "graceful_shutdown_timeout_s": serve_config.graceful_shutdown_timeout_s,
+        "logging_config": NO_ACCESS_LOG,
     }
     if serve_config.min_replicas == serve_config.max_replicas:
         options["num_replicas"] = serve_config.max_replicas
@@ -198,6 +228,7 @@ def rerank_deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
             "num_cpus": serve_config.num_cpus,
             "num_gpus": resolve_num_gpus(serve_config.reranker_num_gpus),
         },
+        "logging_config": NO_ACCESS_LOG,
     }
 
 
@@ -216,6 +247,9 @@ def ingress_options(serve_config: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": serve_config.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": serve_config.retry_after_s},
         "ray_actor_options": {"num_cpus": serve_config.ingress_num_cpus, "num_gpus": 0},
+        # one access-log line per HTTP request: Serve's proxy writes it; HAProxy's log goes to syslog, so in
+        # high-throughput mode the ingress replicas write it
+        "logging_config": {"enable_access_log": serve_config.high_throughput},
     }
 
 

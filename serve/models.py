@@ -33,15 +33,36 @@ GENERATIONS_PER_REPLICA = 1  # answers generated at once by one EmbeddingModel r
 
 @dataclass
 class _Pending:
-    """One prepared item waiting for a server batch; `cost` is its token count, capped at the budget."""
+    """Prepared items of one call waiting together for a server batch; `longest` is their longest item's
+    token count, capped at the budget. A call's items enter the batch queue as one entry, not one each:
+    Serve's batch queue costs Python time per entry (it recomputes `batch_size_fn` over the whole batch for
+    every entry it adds), time the model replica's one thread of control owes the forward pass."""
 
-    prepared: Any
-    cost: int
+    prepared: list[Any]
+    longest: int
 
 
 def padded_tokens(batch: list[_Pending]) -> int:
     """The `batch_size_fn`: what a batch costs once padded, items x the longest item's tokens."""
-    return len(batch) * max(p.cost for p in batch)
+    return sum(len(p.prepared) for p in batch) * max(p.longest for p in batch)
+
+
+def within_budget(prepared: list[Any], budget: int) -> list[_Pending]:
+    """One call's items as queue entries, in order, each within `budget` padded tokens (an item alone always
+    is: its cost is capped at the budget)."""
+    entries: list[_Pending] = []
+    chunk: list[Any] = []
+    longest = 0
+    for item in prepared:
+        cost = min(item.num_tokens, budget)
+        if chunk and (len(chunk) + 1) * max(longest, cost) > budget:
+            entries.append(_Pending(chunk, longest))
+            chunk, longest = [], 0
+        chunk.append(item)
+        longest = max(longest, cost)
+    if chunk:
+        entries.append(_Pending(chunk, longest))
+    return entries
 
 
 @dataclass
@@ -52,18 +73,27 @@ class BatchStats:
     items: int = 0
     largest: int = 0
     calls: int = 0  # calls from the ingress replicas (each carries one or more requests' items)
+    # the forward passes' wall time, and the CPU time of the thread that runs them (on a GPU: launching kernels
+    # and waiting for them; on a CPU: the model's arithmetic too): what the rest of this process's CPU time is
+    # not (benchmarks/load_test.py tells them apart per request)
+    forward_s: float = 0.0
+    forward_cpu_s: float = 0.0
 
-    def record(self, size: int) -> None:
+    def record(self, size: int, forward_s: float = 0.0, forward_cpu_s: float = 0.0) -> None:
         self.batches += 1
         self.items += size
         self.largest = max(self.largest, size)
+        self.forward_s += forward_s
+        self.forward_cpu_s += forward_cpu_s
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return {
             "batches": self.batches,
             "batched_items": self.items,
             "largest_batch": self.largest,
             "model_calls": self.calls,
+            "forward_s": round(self.forward_s, 6),
+            "forward_cpu_s": round(self.forward_cpu_s, 6),
         }
 
 
@@ -102,6 +132,12 @@ class _BatchingReplica:
         the model cannot embed the reason (a str), so that it fails its own request only."""
         raise NotImplementedError
 
+    def _timed_forward(self, prepared: list[Any]) -> tuple[list[Any], float, float]:
+        """`_forward` with its wall time and its thread's CPU time (on the forward thread)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        results = list(self._forward(prepared))
+        return results, time.perf_counter() - wall, time.thread_time() - cpu
+
     @staticmethod
     def _rows(results: list[Any], width: int | None) -> Rows:
         errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
@@ -113,20 +149,29 @@ class _BatchingReplica:
         self.stats.calls += 1
         self._queue_changed(len(prepared))
         try:
-            return await asyncio.gather(
-                *(self._run_batch(_Pending(p, min(p.num_tokens, self._budget))) for p in prepared)
-            )
+            entries = within_budget(prepared, self._budget)
+            if len(entries) == 1:
+                return await self._run_batch(entries[0])
+            parts = await asyncio.gather(*(self._run_batch(entry) for entry in entries))
+            return [result for part in parts for result in part]
         finally:
             self._queue_changed(-len(prepared))
 
     @ray_serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=padded_tokens)
-    async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
+    async def _run_batch(self, batch: list[_Pending]) -> list[list[Any]]:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._forward_pool, self._forward, [p.prepared for p in batch])
-        self.stats.record(len(batch))
-        self.metrics.batch(len(batch), time.perf_counter() - start)
-        return list(results)
+        items = [item for entry in batch for item in entry.prepared]
+        results, forward_s, forward_cpu_s = await loop.run_in_executor(
+            self._forward_pool, self._timed_forward, items
+        )
+        self.stats.record(len(items), forward_s, forward_cpu_s)
+        self.metrics.batch(len(items), time.perf_counter() - start)
+        out, start = [], 0
+        for entry in batch:
+            out.append(results[start : start + len(entry.prepared)])
+            start += len(entry.prepared)
+        return out
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What `serve.autoscaling`'s policy scales on: the items this replica holds (queued or in a batch)."""

@@ -38,6 +38,9 @@ def test_a_high_throughput_run_reports_every_level_through_haproxy(tmp_path):
     )
     for row in report["rows"]:  # the model's step rate: its batches over the level's wall time
         assert row["server_batches_per_s"] == pytest.approx(row["server_batches"] / row["wall_s"])
+        # the model replica's forward passes: part of the level's time, and some CPU for every item
+        assert 0 < row["forward_busy"] <= 1 and row["forward_cpu_ms_per_item"] > 0
+        assert 0 < row["server_calls"] <= row["requests"]
     assert sum("batches (" in line and "/s)" in line for line in result.stdout.splitlines()) == 2
     cpu_lines = [line for line in result.stdout.splitlines() if "cpu ms/request" in line]
     assert len(cpu_lines) == 2 and all("haproxy" in line and "ingress" in line for line in cpu_lines)
