@@ -235,7 +235,13 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
             if on_batch is not None:
                 on_batch(done.counts["read"])
     finally:
-        pool.stop()
+        loads = pool.stop()
+    log.info(
+        "%d embedding worker(s) loaded the model %s time(s) for %d group(s)",
+        len(pool.workers),
+        loads,
+        len(groups),
+    )
     return commits
 
 

@@ -28,11 +28,23 @@ from pipelines.stages import EmbedActor
 log = logging.getLogger(__name__)
 
 WORKER_RESTARTS = -1  # Ray restarts a dead worker as often as needed ...
+STOP_TIMEOUT_S = 10
 CALL_RETRIES = 3  # ... and retries a batch a few times: a batch that kills every worker fails the run
 
 
 class EmbedWorker(EmbedActor):
     """The stage's `EmbedActor` as a long-lived Ray actor: `load` at start, then `embed` per batch."""
+
+    def __init__(self, config_json: str, dimension: int | None = None):
+        self.loads = 0  # model loads of this actor (a restarted actor counts again from 0)
+        super().__init__(config_json, dimension)
+
+    def _load(self) -> None:
+        super()._load()
+        self.loads += 1
+
+    def load_count(self) -> int:
+        return self.loads
 
     def load(self) -> int:
         """Load the model now (not on the first batch) and give the vector size."""
@@ -116,12 +128,18 @@ class EmbedPool:
             udf_modifying_row_count=False,
         )
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """Stop the workers; returns how many times they loaded the model (None if one did not answer)."""
         import ray
 
+        try:
+            loads = sum(ray.get([w.load_count.remote() for w in self.workers], timeout=STOP_TIMEOUT_S))
+        except Exception:  # a worker that died or hangs: its count is lost, the stop goes on
+            loads = None
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         ray.kill(self.slots, no_restart=True)
+        return loads
 
 
 CLIENT_CPUS = 0  # a client only waits on its worker; its worker holds the CPUs (a fraction here would leave a
