@@ -214,6 +214,15 @@ class EmbedderConfig(ModelOptions):
     padding_side: PaddingSide | None = Field(
         default=None, description="Batch padding side; default: the recipe's."
     )
+    compile_cache: str | None = Field(
+        default=None,
+        description="Where compiled graphs are shared between machines: a directory or an object-store URI "
+        "(s3://bucket/prefix; credentials and region from the environment, or the URI's query: "
+        "?region=...&endpoint_override=host:port&scheme=http). When warm_up() compiles, the artifacts stored "
+        "there for this model, device and torch version are loaded first, and saved after if there are none, "
+        "so a new GPU node skips Inductor's compilation (pipelines.compile_cache). A store that cannot be read "
+        "or written is a warning. The same vectors.",
+    )
 
     @model_validator(mode="before")
     @classmethod

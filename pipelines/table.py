@@ -36,6 +36,7 @@ RUNTIME_OPTIONS = (
     "max_image_pixels",
     "engine",
     "cuda_graphs",
+    "compile_cache",
 )
 
 
