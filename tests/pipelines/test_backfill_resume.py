@@ -1,5 +1,6 @@
-"""Resume by work unit: kill -9 of the whole local cluster at random points, of an embedding worker, and on
-S3 (moto's server on 127.0.0.1); every rerun ends with each input row exactly once in vectors-or-errors."""
+"""Resume by work unit: kill -9 of the whole local cluster at random points, of the driver alone (its cluster
+lives on and the rerun joins it), of an embedding worker, and on S3 (moto's server on 127.0.0.1); every rerun
+ends with each input row exactly once in vectors-or-errors."""
 
 import contextlib
 import json
@@ -19,18 +20,23 @@ from pipelines.backfill import run_backfill
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.progress import committed_units, progress_name
 from pipelines.table import connect
+from tests.pipelines.ray_head import RayHead, ray_head
 from tests.s3_server import s3_server  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_SEED = int(os.environ.get("VLM_EMBED_KILL_SEED", "1515"))
 
 DRIVER = """
-import logging, sys, ray
+import json, logging, sys, ray
 from pipelines.backfill import run_backfill
 from pipelines.config import Config
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2], log_to_driver=False)
-print(run_backfill(Config.from_yaml(sys.argv[1])).line(), flush=True)
+config = Config.from_yaml(sys.argv[1])
+if config.resources.ray_address is None:  # a local Ray of its own, in the driver's process group
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2], log_to_driver=False)
+summary = run_backfill(config)  # else it joins the cluster at resources.ray_address
+print(summary.line(), flush=True)
+print("summary", json.dumps(summary.to_dict()), flush=True)
 """
 
 
@@ -46,14 +52,14 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def job(model, uri, sources, storage_options=None) -> Config:
+def job(model, uri, sources, storage_options=None, ray_address=None, commit_rows=100) -> Config:
     return Config(
         embedder=EmbedderConfig(model=str(model), device="cpu", dtype="float32"),
         sources=sources,
         table=TableConfig(
-            uri=str(uri), commit_rows=100, unit_bytes=4096, storage_options=storage_options or {}
+            uri=str(uri), commit_rows=commit_rows, unit_bytes=4096, storage_options=storage_options or {}
         ),
-        resources=ResourcesConfig(batch_rows=32, prepare_batch_rows=32),
+        resources=ResourcesConfig(batch_rows=32, prepare_batch_rows=32, ray_address=ray_address),
     )
 
 
@@ -74,23 +80,28 @@ def committed(table_config: TableConfig) -> int:
     return 0
 
 
-def run_and_kill(config_file: Path, commits: int, delay_s: float) -> bool:
-    """The job in its own process group with its own local Ray, killed -9 whole (the driver, the raylet, the
-    workers: the whole cluster) `delay_s` seconds after its `commits`-th commit line (0: after its start).
-    True when it finished before the kill."""
-    import select
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
-    temp_dir = f"/tmp/rr{os.getpid()}"
-    driver = subprocess.Popen(
+def start_driver(config_file: Path, temp_dir: str, head: RayHead | None) -> subprocess.Popen:
+    env = head.env if head else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(config_file), temp_dir],
         cwd=ROOT,
-        env=env,
+        env=env | {"PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
+
+
+def run_and_kill(config_file: Path, commits: int, delay_s: float, head: RayHead | None = None) -> bool:
+    """The job's driver in its own process group, killed -9 `delay_s` seconds after its `commits`-th commit
+    line (0: after its start). Without `head` the driver runs its own local Ray and the kill takes the whole
+    group (the driver, the raylet, the workers: the whole cluster); with `head` (the config's ray_address)
+    only the driver dies and the cluster lives on. True when it finished before the kill."""
+    import select
+
+    temp_dir = f"/tmp/rr{os.getpid()}"
+    driver = start_driver(config_file, temp_dir, head)
     try:
         seen, deadline = 0, time.monotonic() + 600
         while seen < commits and time.monotonic() < deadline and driver.poll() is None:
@@ -104,21 +115,42 @@ def run_and_kill(config_file: Path, commits: int, delay_s: float) -> bool:
         return driver.returncode == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
+            if head:
+                os.kill(driver.pid, signal.SIGKILL)
+            else:
+                os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def kill_at_random_points_then_finish(config: Config, tmp_path: Path, points: int) -> list[tuple]:
-    """Run and kill the job `points` times at points drawn with `KILL_SEED`: after 0 to 2 commits, then 0 to
-    8 seconds (mid-group, mid-commit or between groups). The points, for the assertion messages."""
-    rnd = random.Random(KILL_SEED)
+def run_to_end(config_file: Path, head: RayHead) -> dict:
+    """The job's driver on the cluster of `head`, to its end: the run's summary (BackfillSummary.to_dict)."""
+    driver = start_driver(config_file, "-", head)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("summary "))
+    return json.loads(line.removeprefix("summary "))
+
+
+def kill_at_random_points_then_finish(
+    config: Config,
+    tmp_path: Path,
+    points: int,
+    seed: int = KILL_SEED,
+    head: RayHead | None = None,
+    commits: int = 2,
+    seconds: float = 8,
+) -> list[tuple]:
+    """Run and kill the job `points` times at points drawn with `seed`: after 0 to `commits` commits, then 0 to
+    `seconds` seconds (in the start-up, mid-group, mid-commit or between groups). The points, for the
+    assertion messages."""
+    rnd = random.Random(seed)
     config_file = tmp_path / "job.yaml"
     config_file.write_text(config.to_yaml())
     killed_at = []
     for _ in range(points):
-        point = (rnd.randint(0, 2), round(rnd.uniform(0, 8), 1))
-        finished = run_and_kill(config_file, *point)
+        point = (rnd.randint(0, commits), round(rnd.uniform(0, seconds), 1))
+        finished = run_and_kill(config_file, *point, head=head)
         killed_at.append((*point, committed(config.table), "finished" if finished else "killed"))
         if finished:
             break
@@ -135,8 +167,9 @@ def test_kill_9_of_the_whole_cluster_at_random_points_then_a_rerun_has_every_row
         tiny_model_dir,
         tmp_path / "db",
         [SourceConfig(kind="jsonl", path=str(tmp_path / "docs.jsonl"), id_column="id")],
+        commit_rows=50,  # a group per unit: ten commits to be killed between
     )
-    killed_at = kill_at_random_points_then_finish(config, tmp_path, points=3)
+    killed_at = kill_at_random_points_then_finish(config, tmp_path, points=2)
     before = committed(config.table)
     summary = run_backfill(config)
     where = f"(commits, seconds, rows committed, outcome) {killed_at}, seed {KILL_SEED}; {before} rows before"
@@ -146,6 +179,27 @@ def test_kill_9_of_the_whole_cluster_at_random_points_then_a_rerun_has_every_row
     assert_exactly_once(config.table, {r["id"] for r in rows})
     again = run_backfill(config)
     assert (again.embedded, again.errored, again.units_skipped) == (0, 0, again.units), where
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_alone_then_a_rerun_on_the_same_cluster_has_every_row_exactly_once(
+    tmp_path, tiny_model_dir
+):
+    rows = corpus_rows(300)
+    (tmp_path / "docs.jsonl").write_bytes(jsonl(rows))
+    source = SourceConfig(kind="jsonl", path=str(tmp_path / "docs.jsonl"), id_column="id")
+    seed = KILL_SEED + 2
+    with ray_head(num_cpus=2) as head:  # outlives the killed driver; the rerun joins it
+        config = job(tiny_model_dir, tmp_path / "db", [source], ray_address=head.address, commit_rows=50)
+        killed_at = kill_at_random_points_then_finish(config, tmp_path, points=1, seed=seed, head=head)
+        before = committed(config.table)
+        summary = run_to_end(tmp_path / "job.yaml", head)
+    where = f"(commits, seconds, rows committed, outcome) {killed_at}, seed {seed}; {before} rows before"
+    read, embedded, errored = summary["read"], summary["embedded"], summary["errored"]
+    assert read == embedded + summary["skipped"] + errored and read == len(rows), where
+    assert embedded + errored + summary["already_done"] + summary["duplicates"] == len(rows), where
+    assert summary["units"] > 1 and summary["already_done"] >= before, where
+    assert_exactly_once(config.table, {r["id"] for r in rows})
 
 
 @pytest.mark.slow
@@ -205,7 +259,8 @@ def test_on_s3_inputs_and_table_a_killed_run_resumes_and_every_row_is_there_once
         kind="jsonl", path=s3_server.uri("inputs/"), id_column="id", storage_options=options
     )
     config = job(tiny_model_dir, s3_server.uri("db"), [source], storage_options=options)
-    killed_at = kill_at_random_points_then_finish(config, tmp_path, points=1)
+    # three groups on S3: the kill comes in the start-up or the first two groups
+    killed_at = kill_at_random_points_then_finish(config, tmp_path, points=1, commits=1, seconds=3)
     summary = run_backfill(config)
     assert summary.adds_up and summary.read == len(rows), f"{killed_at}, seed {KILL_SEED}"
     assert_exactly_once(config.table, {r["id"] for r in rows})
