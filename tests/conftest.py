@@ -113,3 +113,11 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory):
+    """The README quick start's main job, run once (tests/quick_start.py): its output and its sample table."""
+    from tests.quick_start import run_main_job
+
+    return run_main_job(tmp_path_factory.mktemp("quick-start"))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.quick_start import quick_start_commands
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
@@ -15,13 +17,8 @@ def _blocks(language):
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def _quick_start():
-    block = _blocks("bash")[0]
-    return [line for line in block.splitlines() if line and not line.startswith("#")]
-
-
 def test_quick_start_is_two_commands_that_set_up_then_run():
-    main_job, tests = _quick_start()
+    main_job, tests = quick_start_commands()
     for command in (main_job, tests):
         assert command.startswith("python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ")
     assert tests.endswith(".venv/bin/python -m pytest")
@@ -29,17 +26,10 @@ def test_quick_start_is_two_commands_that_set_up_then_run():
     assert "set up, then run the tests" in ci and "README.md" in ci
 
 
-def test_quick_start_main_job_runs(tmp_path):
-    """Backfill the bundled sample on a local Ray into ./data/lancedb (here: under tmp_path), then search it."""
-    main_job = _quick_start()[0]
-    steps = main_job.split(" && ")
-    assert steps[2].endswith("vlm-embed backfill") and "vlm-embed search" in steps[3]
-    run_part = " && ".join(steps[2:]).replace(".venv/bin/", f"{BIN}/")
-    # its own local Ray, as on a fresh machine
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(
-        run_part, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env
-    )
+def test_quick_start_main_job_runs(quick_start):
+    """Backfill the bundled sample on a local Ray into ./data/lancedb (here: a fresh directory), then search it
+    (the run is tests/quick_start.py's, shared with test_readme_retrieval)."""
+    result = quick_start.result
     assert result.returncode == 0, result.stderr[-4000:]
     assert "backfill: read 24 = embedded 24 + skipped 0" in result.stdout
     first_hit = next(line for line in result.stdout.splitlines() if line.startswith("1\t"))
@@ -48,7 +38,7 @@ def test_quick_start_main_job_runs(tmp_path):
         "text-00",
         "A red circle is a round shape with no corners.",
     ]
-    assert (tmp_path / "data" / "lancedb" / "vectors.lance").is_dir()
+    assert (quick_start.directory / "data" / "lancedb" / "vectors.lance").is_dir()
 
 
 def test_python_example_runs(tmp_path):
