@@ -186,8 +186,12 @@ class Embedder:
 
         Call it before taking work (a Serve replica, a backfill actor), so that the first request does not pay
         for compilation. `image_side`: also warm up the vision tower on such square images.
-        On a GPU it also runs one full step (`max_batch_tokens`) of each kind; `compile: auto` compiles here."""
-        return self.engine.warm_up(image_side=image_side, step_tokens=self.config.max_batch_tokens)
+        On a GPU it also runs one full step (`max_batch_tokens`) of each kind; `compile: auto` compiles here,
+        with the artifacts shared through `compile_cache` where there is one (`pipelines.compile_cache`)."""
+        from pipelines.compile_cache import shared_compile_cache
+
+        with shared_compile_cache(self.config, self.engine):
+            return self.engine.warm_up(image_side=image_side, step_tokens=self.config.max_batch_tokens)
 
     def embed_batch(
         self, items: Iterable[Any], batch_size: int | None = None, *, query: bool = False
