@@ -85,7 +85,10 @@ def test_under_load_replicas_scale_up_a_killed_one_is_replaced_and_they_scale_ba
     import ray
     from ray import serve
 
-    config = app_config(tiny_model_dir, table_uri, min_replicas=1, max_replicas=2, **NO_KEY)
+    # a health check every second: a killed replica is found (and replaced) within a second, not Serve's 10 s
+    config = app_config(
+        tiny_model_dir, table_uri, min_replicas=1, max_replicas=2, health_check_period_s=1.0, **NO_KEY
+    )
     url = serve_http.deploy(
         "scaled",
         config,
@@ -99,7 +102,7 @@ def test_under_load_replicas_scale_up_a_killed_one_is_replaced_and_they_scale_ba
             "metrics_interval_s": 0.25,
             "look_back_period_s": 2.0,
             "upscale_delay_s": 0.5,
-            "downscale_delay_s": 5.0,
+            "downscale_delay_s": 3.0,
         },
     )
     try:
