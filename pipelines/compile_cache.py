@@ -3,13 +3,18 @@
 torch.compile keeps what it compiles in per-machine caches (Inductor's `TORCHINDUCTOR_CACHE_DIR` and
 AOTAutograd's, on local disk). `torch.compiler.save_cache_artifacts()` serialises the entries this process
 compiled, or read from those caches, into one blob; `load_cache_artifacts(blob)` writes them into this
-machine's caches, so compiling the same graphs afterwards hits them: Dynamo still traces, but Inductor's code
-generation and C++/Triton builds are skipped (the part that takes minutes for the 2B model).
+machine's caches, so compiling the same graphs afterwards hits them: Dynamo still traces, Inductor's lowering
+and code generation are skipped and, on CUDA, the Triton kernels' builds (they are bundled in the FX graph
+cache entries). A CPU graph's C++ kernels are not bundled: a new CPU machine builds them again, so on a CPU the
+store saves nothing measurable (the tests use it there only to check that it loads and hits).
 
 `shared_compile_cache(config, engine)` wraps a warm-up that compiles (`compile: true`, or `auto` on CUDA):
 before it, the blob stored at `compile_cache` for this key is loaded; after it, when the store had none (or
-one torch cannot read), this process's blob is written there (to a temporary name, then renamed: two nodes racing never leave a half file,
-the last rename wins with a whole one). The key (`cache_key`) names what the compiled code depends on: torch,
+one torch cannot read) or the warm-up compiled graphs it lacks (a Serve replica warming up images after a
+backfill saved texts only), this process's blob is written there: every artifact this process compiled or read
+from its caches, so a superset of what it loaded. It goes to a temporary name, then is renamed: two nodes
+racing never leave a half file; the last rename wins with a whole one, and a graph it lacks is added by the
+next node that compiles it. The key (`cache_key`) names what the compiled code depends on: torch,
 transformers and Python versions, the device (CUDA capability), the checkpoint's shapes and the options that
 change the compiled graphs. Loading or saving never fails a start: a missing, corrupt or unreachable store is a
 warning and the model compiles as it would without one. What happened is logged (hit/miss, bytes, seconds)
@@ -53,6 +58,7 @@ class CacheReport:
     artifacts: int = 0  # entries written into the local caches
     cache_hits: int = 0  # Inductor and AOTAutograd cache hits during the warm-up
     cache_misses: int = 0
+    compiled: int = 0  # graphs Inductor compiled from scratch during the warm-up (FX graph cache misses)
     saved_bytes: int = 0  # 0: nothing saved (the store had a blob, or saving failed)
     save_s: float = 0.0
     error: str | None = None
@@ -111,12 +117,14 @@ def open_store(location: str):
     return filesystem, path.rstrip("/")
 
 
-def _cache_counters() -> tuple[int, int]:
+def _cache_counters() -> tuple[int, int, int]:
+    """(hits, misses) of Inductor's FX graph cache and AOTAutograd's cache, and the FX graph misses alone."""
     from torch._dynamo.utils import counters
 
-    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
-    misses = counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"]
-    return hits, misses
+    inductor, autograd = counters["inductor"], counters["aot_autograd"]
+    hits = inductor["fxgraph_cache_hit"] + autograd["autograd_cache_hit"]
+    misses = inductor["fxgraph_cache_miss"] + autograd["autograd_cache_miss"]
+    return hits, misses, inductor["fxgraph_cache_miss"]
 
 
 def load(report: CacheReport, filesystem, path: str) -> None:
@@ -196,11 +204,13 @@ def shared_compile_cache(config, engine) -> Iterator[CacheReport | None]:
     except Exception as error:
         report.state = "error"
         _warn(report, "read", error)
-    hits, misses = _cache_counters()
+    before = _cache_counters()
     yield report
-    now_hits, now_misses = _cache_counters()
-    report.cache_hits, report.cache_misses = now_hits - hits, now_misses - misses
-    if report.state != "hit" and filesystem is not None:  # none stored, or a corrupt one: replace it
+    report.cache_hits, report.cache_misses, report.compiled = (
+        now - then for now, then in zip(_cache_counters(), before, strict=True)
+    )
+    # none stored, a corrupt one, or one without the graphs compiled here: replace it with this process's
+    if (report.state != "hit" or report.compiled) and filesystem is not None:
         try:
             save(report, filesystem, directory, path)
         except Exception as error:

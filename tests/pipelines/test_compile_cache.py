@@ -38,14 +38,15 @@ pytestmark = [
 ]
 
 
-def child(model_dir: str, store: str) -> None:
-    """The subprocess: load, warm up (compiling, with the store), embed; print what happened as JSON."""
+def child(model_dir: str, store: str, image_side: int | None = None) -> None:
+    """The subprocess: load, warm up (compiling, with the store; images too with `image_side`), embed; print
+    what happened as JSON."""
     from dataclasses import asdict
 
     from pipelines.embedder import Embedder
 
     compiled = Embedder.load(model_dir, attention_layout="packed", compile=True, compile_cache=store)
-    compiled.warm_up()
+    warm_up_s = compiled.warm_up(image_side=image_side)
     eager = Embedder(
         compiled.model,
         compiled.tokenizer,
@@ -57,6 +58,7 @@ def child(model_dir: str, store: str) -> None:
         json.dumps(
             {
                 "report": asdict(report),
+                "warm_up_s": warm_up_s,
                 "compiled": compiled.embed_batch(TEXTS).tolist(),
                 "eager": eager.embed_batch(TEXTS).tolist(),
             }
@@ -64,9 +66,12 @@ def child(model_dir: str, store: str) -> None:
     )
 
 
-def run_child(model_dir, store: str, inductor_dir: Path, env: dict | None = None) -> tuple[dict, str]:
+def run_child(
+    model_dir, store: str, inductor_dir: Path, env: dict | None = None, image_side: int | None = None
+) -> tuple[dict, str]:
     """(the child's JSON, its stderr), run with `inductor_dir` as its machine's compiler cache."""
-    code = f"from tests.pipelines.test_compile_cache import child; child({str(model_dir)!r}, {store!r})"
+    arguments = f"{str(model_dir)!r}, {store!r}, {image_side!r}"
+    code = f"from tests.pipelines.test_compile_cache import child; child({arguments})"
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -99,7 +104,7 @@ def saved(tiny_model_dir, tmp_path_factory):
 def test_a_first_process_compiles_and_saves_one_whole_blob_under_its_key(saved):
     store, _, out = saved
     report = out["report"]
-    assert report["state"] == "miss" and report["cache_hits"] == 0 and report["cache_misses"] > 0
+    assert report["state"] == "miss" and report["cache_hits"] == 0 and report["compiled"] > 0
     assert report["key"].endswith(SUFFIX)
     assert [p.name for p in store.iterdir()] == [report["key"]]  # no partial file left
     assert report["saved_bytes"] == (store / report["key"]).stat().st_size > 0
@@ -115,10 +120,29 @@ def test_a_fresh_process_loads_the_directory_store_hits_the_caches_and_gives_the
     assert report["key"] == first["report"]["key"]
     assert report["state"] == "hit" and report["artifacts"] > 0
     assert report["loaded_bytes"] == first["report"]["saved_bytes"]
-    assert report["cache_hits"] > 0 and report["cache_misses"] < first["report"]["cache_misses"]
+    assert report["cache_hits"] > 0 and report["compiled"] == 0
     assert report["saved_bytes"] == 0  # the stored blob is kept, not rewritten
     assert (store / report["key"]).read_bytes() == before
     assert_same_vectors(first, out)
+
+
+def test_a_warm_up_that_compiles_graphs_the_store_lacks_saves_a_superset_a_later_node_hits_entirely(
+    saved, tiny_model_dir, tmp_path
+):
+    """A backfill saved texts only; a Serve replica warming up images compiles the vision block and saves
+    both; a replica on another new node then compiles nothing from scratch."""
+    store, _, first = saved
+    store_copy = tmp_path / "store"
+    shutil.copytree(store, store_copy)
+    path = store_copy / first["report"]["key"]
+    images, _ = run_child(tiny_model_dir, str(store_copy), tmp_path / "inductor-images", image_side=64)
+    assert images["report"]["state"] == "hit" and images["report"]["compiled"] > 0
+    assert images["report"]["saved_bytes"] == path.stat().st_size > first["report"]["saved_bytes"]
+    later, _ = run_child(tiny_model_dir, str(store_copy), tmp_path / "inductor-later", image_side=64)
+    assert later["report"]["state"] == "hit" and later["report"]["compiled"] == 0
+    assert later["report"]["cache_hits"] > images["report"]["cache_hits"]
+    assert later["report"]["saved_bytes"] == 0
+    assert_same_vectors(first, images, later)
 
 
 def test_the_same_through_an_s3_store(saved, tiny_model_dir, tmp_path, s3_server):  # noqa: F811
