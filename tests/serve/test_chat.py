@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from pipelines.config import AnswerConfig, EmbedderConfig
-from serve.app import app_for
 from tests.pipelines.answer_tables import PASSAGES, write_table
 from tests.serve.conftest import API_KEY, app_config, b64_image, with_api_key
 
@@ -203,17 +202,6 @@ def test_not_json_and_no_key_are_refused_like_every_route(chat_app):
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     response = post(chat_app, ask(), key=None)
     assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
-
-
-def test_an_embedding_only_checkpoint_refuses_chat(serve_http, tiny_embedding_dir, tmp_path):
-    config = app_config(tiny_embedding_dir, str(tmp_path / "lancedb"))
-    with pytest.raises(ValueError, match="embedding-only"):
-        app_for(config.model_copy(update={"answer": AnswerConfig()}))
-    with serve_http.deployed("chat-embedding", config, "/chat-embedding", **with_api_key()) as url:
-        response = post(url, ask())
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["code"] == "generation_not_supported" and "embedding-only" in error["message"]
 
 
 def test_a_server_without_an_answer_section_says_how_to_turn_it_on(client):

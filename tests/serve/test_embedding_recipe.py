@@ -103,3 +103,21 @@ def test_a_table_of_the_old_recipe_is_refused_with_409(embedding_app, tmp_path):
         connect(TableConfig(uri=uri)).create_table(
             "vectors", data=pa.Table.from_batches(data.to_batches(), restored), mode="overwrite"
         )
+
+
+def test_an_embedding_only_checkpoint_refuses_chat(embedding_app, tiny_embedding_dir):
+    """Refused when the app is built with an answer: section, and over HTTP by this app, which has none (its
+    checkpoint cannot generate: that is the reason given); moved here from test_chat so that no app of its own
+    is started for it."""
+    from pipelines.config import AnswerConfig
+    from serve.app import app_for
+
+    client, uri, _ = embedding_app
+    config = app_config(tiny_embedding_dir, uri)
+    with pytest.raises(ValueError, match="embedding-only"):
+        app_for(config.model_copy(update={"answer": AnswerConfig()}))
+    question = {"messages": [{"role": "user", "content": QUERY}], "max_tokens": 16, "temperature": 0}
+    response = client.post("/v1/chat/completions", json=question)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "generation_not_supported" and "embedding-only" in error["message"]
