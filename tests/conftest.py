@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,12 @@ def ray_session():
 @pytest.fixture(scope="session")
 def quick_start(tmp_path_factory):
     """The README quick start's main job, run once (tests/quick_start.py): its output and its sample table."""
+    import shutil
+
     from tests.quick_start import run_main_job
 
-    return run_main_job(tmp_path_factory.mktemp("quick-start"))
+    ray_tmp = f"/tmp/rq{os.getpid()}"
+    try:
+        yield run_main_job(tmp_path_factory.mktemp("quick-start"), Path(ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -28,8 +28,8 @@ def test_quick_start_is_two_commands_that_set_up_then_run():
 
 def test_quick_start_main_job_runs(quick_start):
     """Backfill the bundled sample on a local Ray into ./data/lancedb (here: a fresh directory), then search it
-    (the run is tests/quick_start.py's, shared with test_readme_retrieval)."""
-    result = quick_start.result
+    (the run is tests/quick_start.py's, shared with test_backfill and test_readme_retrieval)."""
+    result = quick_start
     assert result.returncode == 0, result.stderr[-4000:]
     assert "backfill: read 24 = embedded 24 + skipped 0" in result.stdout
     first_hit = next(line for line in result.stdout.splitlines() if line.startswith("1\t"))

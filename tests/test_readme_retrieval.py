@@ -25,7 +25,7 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_reduce_search_modes_and_retrieve_context_run_as_written(tmp_path, quick_start):
     (tmp_path / "pipelines").symlink_to(ROOT / "pipelines")
-    assert quick_start.result.returncode == 0, quick_start.result.stderr[-3000:]
+    assert quick_start.returncode == 0, quick_start.stderr[-3000:]
     shutil.copytree(quick_start.directory / "data", tmp_path / "data")  # the reduce commands add tables
     outputs = []
     for line in _block("bash", "vlm-embed reduce").splitlines():

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -134,28 +133,20 @@ def test_a_rerun_with_nothing_left_to_do_loads_no_model_and_says_so(
     assert "nothing left to do: all 6 rows were already in the tables" in caplog.text
 
 
-def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_its_log_files(tmp_path):
-    ray_tmp = f"/tmp/rq{os.getpid()}"  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": ray_tmp, "VLM_EMBED_HOME": str(tmp_path / "home")}
-    try:
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("vlm-embed")), "backfill", "--uri", str(tmp_path / "db")],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert done.stdout.startswith("backfill: read 24 = embedded 24 + skipped 0")
-        ours = re.compile(r"committed \d+ (vectors|error rows) \(\d+ in this run\)$")
-        assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []
-        (logs,) = Path(ray_tmp).glob("ray/session_2*/logs")
-        assert "constructor arguments" in (logs / "vlm-embed-driver.err").read_text()  # Ray's, kept there
-        assert "Started a local Ray instance" not in done.stderr and list(logs.glob("ray-data/*.log"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_its_log_files(quick_start):
+    """`vlm-embed backfill` as the README quick start runs it (tests/quick_start.py), on a new local Ray whose
+    files are under its RAY_TMPDIR."""
+    done = quick_start.steps[0]
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.startswith("backfill: read 24 = embedded 24 + skipped 0")
+    ours = re.compile(
+        r"(committed \d+ (vectors|error rows) \(\d+ in this run\)"
+        r"|\d+ embedding worker\(s\) loaded the model \d+ time\(s\) for \d+ group\(s\))$"
+    )
+    assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []
+    (logs,) = quick_start.ray_tmp.glob("ray/session_2*/logs")
+    assert "constructor arguments" in (logs / "vlm-embed-driver.err").read_text()  # Ray's, kept there
+    assert "Started a local Ray instance" not in done.stderr and list(logs.glob("ray-data/*.log"))
 
 
 def test_the_driver_reads_the_vector_size_without_importing_torch(tiny_model_dir, embedder):
