@@ -113,8 +113,10 @@ def traffic(max_items: int, max_text_chars: int, max_body_bytes: int) -> tuple[l
 # -- the Serve processes ---------------------------------------------------------------------------------
 
 
-def serve_processes() -> dict[str, list]:
-    """This machine's Serve processes by kind (psutil processes): proxy, controller, ingress and model replicas."""
+def serve_processes(ours_only: bool = False) -> dict[str, list]:
+    """This machine's Serve processes by kind (psutil processes): proxy, controller, ingress and model replicas.
+    `ours_only`: only this process's descendants (the Ray instance `--serve` started), not another Serve app's
+    processes on a shared machine, which carry the same titles."""
     import psutil
 
     from serve.app import APP_NAME, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
@@ -126,20 +128,24 @@ def serve_processes() -> dict[str, list]:
         "model": f"ray::ServeReplica:{APP_NAME}:{MODEL_DEPLOYMENT}",
     }
     found: dict[str, list] = {kind: [] for kind in titles}
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
+    candidates = psutil.Process().children(recursive=True) if ours_only else psutil.process_iter()
+    for process in candidates:
+        try:
+            command = " ".join(process.cmdline() or [])
+        except psutil.Error:
+            continue
         for kind, title in titles.items():
             if command.startswith(title):
                 found[kind].append(process)
     return found
 
 
-def sample_processes() -> dict[str, dict[str, float]]:
+def sample_processes(ours_only: bool = False) -> dict[str, dict[str, float]]:
     """RSS (MiB) and open file descriptors, summed over the processes of each kind."""
     import psutil
 
     out = {}
-    for kind, processes in serve_processes().items():
+    for kind, processes in serve_processes(ours_only).items():
         rss = fds = 0.0
         for process in processes:
             try:
@@ -188,6 +194,7 @@ async def soak(
     headers: dict[str, str],
     timeout_s: float = 60,
     seed: int = 0,
+    ours_only: bool = False,
 ) -> list[dict[str, Any]]:
     import aiohttp
 
@@ -206,7 +213,7 @@ async def soak(
             **{kind: done.statuses.get(kind, 0) for kind in KINDS},
             "p50_ms": round(float(np.percentile(latencies, 50)), 1),
             "p99_ms": round(float(np.percentile(latencies, 99)), 1),
-            "processes": sample_processes(),
+            "processes": sample_processes(ours_only),
             "failures": done.failures,
         }
         samples.append(sample)
@@ -380,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 bad_fraction=args.bad_fraction,
                 sample_every_s=args.sample_every,
                 headers=headers,
+                ours_only=bool(args.serve),
             )
         )
         summary = summarize(samples, args.warmup)

@@ -34,4 +34,6 @@ def test_a_short_soak_answers_every_request_without_a_5xx_and_samples_the_serve_
     for kind in ("proxy", "controller", "ingress", "model"):
         seen = summary["processes"][kind]
         assert seen["rss_mib"][1] > 10 and seen["fds"][1] > 0, (kind, seen)
+        # the processes of the Ray instance the soak started, one of each, whatever else runs on the machine
+        assert samples[-1]["processes"][kind]["processes"] == 1, (kind, samples[-1]["processes"])
     assert "totals:" in result.stdout and "model: RSS" in result.stdout
