@@ -173,3 +173,24 @@ def test_the_reranker_deployment_takes_its_replicas_and_gpus_from_the_serve_sect
 
     options = rerank_deployment_options(ServeConfig(reranker_replicas=2, reranker_num_gpus=0.5))
     assert options["num_replicas"] == 2 and options["ray_actor_options"]["num_gpus"] == 0.5
+
+
+def test_one_access_log_line_per_http_request():
+    """The model deployments log no calls; the ingress logs requests only where no proxy of Serve's does."""
+    from serve.app import rerank_deployment_options
+
+    serve_config = ServeConfig()
+    assert deployment_options(serve_config)["logging_config"] == {"enable_access_log": False}
+    assert rerank_deployment_options(serve_config)["logging_config"] == {"enable_access_log": False}
+    assert ingress_options(serve_config)["logging_config"] == {"enable_access_log": False}
+    with_haproxy = ServeConfig(high_throughput=True)
+    assert ingress_options(with_haproxy)["logging_config"] == {"enable_access_log": True}
+
+
+def test_only_a_few_short_texts_are_prepared_on_the_event_loop():
+    from serve.app import INLINE_PREPARE_CHARS, INLINE_PREPARE_ITEMS, prepares_inline
+
+    assert prepares_inline(["a text", {"text": "another", "instruction": "Represent it."}])
+    assert not prepares_inline(["t"] * (INLINE_PREPARE_ITEMS + 1))
+    assert not prepares_inline(["x" * (INLINE_PREPARE_CHARS + 1)])
+    assert not prepares_inline(["a text", {"text": "with an image", "image": b"\x89PNG"}])
