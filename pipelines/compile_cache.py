@@ -188,8 +188,8 @@ def compiles_at_warm_up(engine) -> bool:
 
 @contextmanager
 def shared_compile_cache(config, engine) -> Iterator[CacheReport | None]:
-    """Around a warm-up: load the stored artifacts before it compiles, save them after when none were stored.
-    Yields the report (None when there is no `compile_cache` or the engine does not compile)."""
+    """Around a warm-up: load the stored artifacts before it compiles; save this process's after when none were
+    stored (or none readable) or the warm-up compiled graphs they lack. Yields the report (None when there is no `compile_cache` or the engine does not compile)."""
     location = getattr(config, "compile_cache", None)
     if not location or not compiles_at_warm_up(engine):
         yield None
