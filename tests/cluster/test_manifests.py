@@ -228,6 +228,7 @@ CLUSTER_CHANGES = {
     (*APP_CONFIG, "embedder", "model"): "the model the RayJob embedded the corpus with",
     (*APP_CONFIG, "embedder", "recipe"): "the RayJob's recipe",
     (*APP_CONFIG, "embedder", "dimensions"): "the RayJob's dimensions",
+    (*APP_CONFIG, "embedder", "compile_cache"): "the RayJob's compiled graphs, in object storage",
     (*APP_CONFIG, "table", "uri"): "the table the RayJob writes, in object storage",
     (*APP_CONFIG, "table", "storage_options"): "the RayJob's object-store options",
     (*APP_CONFIG, "serve", "num_gpus"): "one GPU per model replica",
@@ -283,6 +284,7 @@ def test_rayservice_embeds_queries_like_the_rayjob_and_searches_its_table():
     job = Config.from_yaml(repo_path_of_image_path(shlex.split(manifest("RayJob")["spec"]["entrypoint"])[-1]))
     app = _app_config(_serve_configs()[1])
     assert app.embedder.signature() == job.embedder.signature()
+    assert app.embedder.compile_cache == job.embedder.compile_cache  # replicas load what the job compiled
     assert (app.table.uri, app.table.name, app.table.storage_options) == (
         job.table.uri,
         job.table.name,
