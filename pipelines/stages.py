@@ -179,7 +179,10 @@ class EmbedActor:
         device = self.embedder.device  # a torch.device, or "cpu" (the stand-in)
         device_type = getattr(device, "type", str(device).split(":")[0])
         if self.config.resolved_compile(device_type, warmed_up=True):
-            self.embedder.warm_up()  # compile before the first batch's items, not inside their forward pass
+            # compile before the first batch's items, not inside their forward pass; with an image processor the
+            # vision blocks too, as Serve's replica does (and the shared compile cache then holds both)
+            has_images = getattr(self.embedder, "image_processor", None) is not None
+            self.embedder.warm_up(image_side=64 if has_images else None)
 
     def __call__(self, batch):
         status = batch["status"].to_pylist()

@@ -189,8 +189,11 @@ def test_the_actor_warms_up_only_where_its_model_compiles(config, monkeypatch):
     from pipelines.embedder import Embedder
 
     warmed = []
-    monkeypatch.setattr(Embedder, "warm_up", lambda self, image_side=None: warmed.append(self.device.type))
+    monkeypatch.setattr(
+        Embedder, "warm_up", lambda self, image_side=None: warmed.append((self.device.type, image_side))
+    )
     EmbedActor(config.model_copy(update={"compile": "auto"}).model_dump_json())
     assert warmed == []
     EmbedActor(config.model_copy(update={"compile": True, "attention_layout": "packed"}).model_dump_json())
-    assert warmed == ["cpu"]  # asked for outright: compiled (at warm-up) even on a CPU
+    # asked for outright: compiled (at warm-up) even on a CPU, images too (the tiny model has an image processor)
+    assert warmed == [("cpu", 64)]
