@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.recipes import (
     DEFAULT_RERANK_INSTRUCTION,
@@ -221,8 +221,24 @@ class EmbedderConfig(ModelOptions):
         "?region=...&endpoint_override=host:port&scheme=http). When warm_up() compiles, the artifacts stored "
         "there for this model, device and torch version are loaded first, and saved after if there are none, "
         "so a new GPU node skips Inductor's compilation (pipelines.compile_cache). A store that cannot be read "
-        "or written is a warning. The same vectors.",
+        "or written is a warning. The same vectors. Credentials in the URI are refused: the embedder section is "
+        "recorded in every table's metadata.",
     )
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _no_credentials_in_cache_uri(cls, value: str | None) -> str | None:
+        from urllib.parse import parse_qs, urlsplit
+
+        if value is None:
+            return value
+        secret = {"access_key", "secret_key", "session_token"} & set(parse_qs(urlsplit(value).query))
+        if secret or urlsplit(value).password:
+            raise ValueError(
+                "compile_cache must not carry credentials (they would be recorded in the table's metadata): "
+                "give them through the environment (AWS_ACCESS_KEY_ID, ...)"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -190,3 +190,18 @@ def test_an_unwritable_store_is_a_warning_and_the_model_still_compiles(saved, ti
     assert out["report"]["saved_bytes"] == 0 and out["report"]["error"].startswith("written")
     assert "could not be written" in stderr
     assert_same_vectors(first, out)
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/cache?region=us-west-2&access_key=AKIA&secret_key=s3cr3t", "s3://user:pw@host/cache"]
+)
+def test_a_cache_uri_with_credentials_is_refused_as_it_would_be_recorded_with_the_table(uri):
+    from pydantic import ValidationError
+
+    from pipelines.config import EmbedderConfig
+
+    with pytest.raises(ValidationError, match="must not carry credentials"):
+        EmbedderConfig(compile_cache=uri)
+    assert EmbedderConfig(compile_cache="s3://bucket/cache?region=us-west-2").compile_cache.endswith(
+        "us-west-2"
+    )
