@@ -27,6 +27,8 @@ from pipelines.recipes import (
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "4bit", "8bit", "fp8"]
+# What quantization='fp8' leaves in bf16 (nn.Linear): the layers and projections most sensitive to precision
+Fp8Keep = Literal["first", "last", "down_proj"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AttentionLayout = Literal["padded", "packed"]
 AttentionLayoutChoice = Literal["auto", "padded", "packed"]
@@ -75,6 +77,13 @@ class ModelOptions(StrictModel):
         default="none",
         description="bitsandbytes 4-bit or 8-bit weights; fp8: float8 weights and activations in the decoder "
         "layers' matmuls (torch._scaled_mm; Ada/Hopper GPUs; converts the given model's layers in place).",
+    )
+    fp8_keep: tuple[Fp8Keep, ...] = Field(
+        default=(),
+        description="With quantization='fp8', what stays in bf16: first (the first decoder layer), last (the "
+        "last one), down_proj (every layer's MLP output projection). The rest runs in FP8, q/k/v and gate/up "
+        "each as one fused matmul whose input is quantized once. Vectors move with it (benchmarks/NOTES.md, "
+        "FP8 that keeps the vectors).",
     )
     min_pixels: int | None = Field(
         default=None,
@@ -135,6 +144,12 @@ class ModelOptions(StrictModel):
         "(benchmarks/NOTES.md).",
     )
 
+    @field_validator("fp8_keep", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """A flag gives one string: `--fp8-keep first,last,down_proj`."""
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check_model_options(self) -> Self:
         if self.compile is True and self.attention_layout != "packed":
@@ -143,6 +158,10 @@ class ModelOptions(StrictModel):
             )
         if self.cuda_graphs is True and self.attention_layout != "packed":
             raise ValueError("cuda_graphs=True needs attention_layout='packed'")
+        if self.fp8_keep and self.quantization != "fp8":
+            raise ValueError(f"fp8_keep={list(self.fp8_keep)} needs quantization='fp8'")
+        if len(set(self.fp8_keep)) != len(self.fp8_keep):
+            raise ValueError(f"fp8_keep names a part twice: {list(self.fp8_keep)}")
         if self.resolved_min_pixels > self.resolved_max_pixels:
             raise ValueError(
                 f"min_pixels ({self.resolved_min_pixels}) is larger than max_pixels ({self.resolved_max_pixels})"

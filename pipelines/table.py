@@ -27,6 +27,7 @@ RUNTIME_OPTIONS = (
     "dtype",
     "attn_implementation",
     "quantization",
+    "fp8_keep",  # like quantization: which matmuls run in FP8 (recorded in the table's embedder config)
     "max_batch_tokens",
     "max_batch_items",
     "attention_layout",
