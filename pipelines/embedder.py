@@ -73,10 +73,16 @@ class Embedder:
         self.pad_token_id = _pad_token_id(tokenizer, self.model.config)
         self.preparer = Preparer.for_config(config, tokenizer, image_processor)
         if config.quantization == "fp8":
-            from pipelines.fp8 import Fp8Linear, convert_to_fp8
+            from pipelines.fp8 import conversion, convert_to_fp8
 
-            if not any(isinstance(m, Fp8Linear) for m in self.model.language_model.modules()):
-                convert_to_fp8(self.model.language_model)
+            done = conversion(self.model.language_model)
+            if done is None:
+                convert_to_fp8(self.model.language_model, keep=config.fp8_keep)
+            elif done["keep"] != tuple(sorted(config.fp8_keep)):
+                raise ValueError(
+                    f"this model's layers were converted to FP8 keeping {list(done['keep'])} in bf16, and this "
+                    f"embedder asks for fp8_keep={list(config.fp8_keep)}: load the model again"
+                )
         self.engine = build_engine(
             self.model,
             config,
