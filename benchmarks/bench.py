@@ -38,6 +38,7 @@ STEP_ITEMS = {"text1": 1, "text8": 8}
 # `legacy:` variants run the previous packed engine (`engine: legacy`), the one the README's figures were
 # measured with, so that one run compares the two engines.
 _PACKED = {"attention_layout": "packed", "compile": False}
+_FP8 = {**_PACKED, "compile": True, "quantization": "fp8"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "padded": {"attention_layout": "padded", "compile": False},
     "packed": _PACKED,
@@ -46,6 +47,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "packed-sdpa": {**_PACKED, "varlen_attention": "sdpa"},
     "packed+fp8": {**_PACKED, "quantization": "fp8"},
     "packed+compile+fp8": {**_PACKED, "compile": True, "quantization": "fp8"},
+    # FP8 variants (issue 17; NOTES "FP8 that keeps the vectors"): fp8_keep what stays in bf16; fp8_fuse
+    # (bench-only, default True) False is the first lease's conversion, every projection its own matmul
+    "packed+compile+fp8-unfused": {**_FP8, "fp8_fuse": False},
+    "packed+compile+fp8-keep-ends": {**_FP8, "fp8_keep": ("first", "last")},
+    "packed+compile+fp8-keep-down": {**_FP8, "fp8_keep": ("down_proj",)},
+    "packed+compile+fp8-keep-all3": {**_FP8, "fp8_keep": ("first", "last", "down_proj")},
     "packed+graphs": {**_PACKED, "cuda_graphs": True},
     "packed+compile+graphs": {**_PACKED, "compile": True, "cuda_graphs": True},
     "legacy:packed": {**_PACKED, "engine": "legacy"},
@@ -161,9 +168,11 @@ class Bench:
                     kept.append((context, items, reference))
                 del items, reference
                 gc.collect()
+            saved = None
             for context, items, reference in kept:
                 for variant in fp8:
                     if not self._out_of_time(f"{shape} {context['workload']} {variant}"):
+                        saved = _convert_for(model, variant, saved)
                         self._ours(
                             context, variant, model, tokenizer, image_processor, items, reference, load_s
                         )
@@ -269,9 +278,8 @@ class Bench:
     def _config(self, shape: str, variant: str):
         from pipelines.config import EmbedderConfig
 
-        return EmbedderConfig(
-            model=shape, max_batch_tokens=self.settings.max_batch_tokens, **VARIANTS[variant]
-        )
+        options = {k: v for k, v in VARIANTS[variant].items() if k != "fp8_fuse"}  # a bench-only key
+        return EmbedderConfig(model=shape, max_batch_tokens=self.settings.max_batch_tokens, **options)
 
     # -- measuring -------------------------------------------------------------------------------------
 
@@ -463,6 +471,20 @@ def load_models(shape: str, device, dtype):
     tokenizer, image_processor = shape_processor_parts()
     model = random_model(shape, tokenizer, device=str(device), dtype=dtype, generation=True)
     return model, tokenizer, image_processor
+
+
+def _convert_for(model, variant: str, saved):
+    """Each FP8 variant converts the unquantized layers its own way: put back the ones `saved` holds (saved
+    here the first time), convert as `variant` says. Returns what was saved."""
+    from pipelines.fp8 import convert_to_fp8, decoder_linears, restore_linears
+    from pipelines.loading import base_model_of
+
+    language_model = base_model_of(model).language_model
+    saved = decoder_linears(language_model) if saved is None else saved
+    restore_linears(language_model, saved)
+    spec = VARIANTS[variant]
+    convert_to_fp8(language_model, keep=spec.get("fp8_keep", ()), fuse=spec.get("fp8_fuse", True))
+    return saved
 
 
 def _pad_token_id(tokenizer, config) -> int:
