@@ -25,6 +25,17 @@ if [ "${GRAPHS:-0}" = 1 ]; then
 --variant packed+compile+graphs --passes 3 --no-cached-compile --cold-start packed+compile+graphs"}
   BENCH_DEADLINE=${BENCH_DEADLINE:-240}
 fi
+# FP8=1: the FP8 session instead (issue 17; NOTES "FP8 that keeps the vectors"): 2B text, bf16 against the FP8
+# variants (unfused as before, fused, fused keeping the first/last layers, down_proj, or all three), every pass;
+# first each variant's cosine at the full 28 layers (benchmarks/fp8_cosine.py, ~1 minute; ~4-5 minutes in all:
+# timeout_s 420).
+if [ "${FP8:-0}" = 1 ]; then
+  BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --workload text --variant packed+compile --variant packed+compile+fp8-unfused \
+--variant packed+compile+fp8 --variant packed+compile+fp8-keep-ends --variant packed+compile+fp8-keep-down \
+--variant packed+compile+fp8-keep-all3 --passes 3 --no-cached-compile"}
+  BENCH_DEADLINE=${BENCH_DEADLINE:-240}
+  COSINE_ARGS=${COSINE_ARGS:-"--shape 2b --items 64 --device cuda"}
+fi
 BENCH_ARGS=${BENCH_ARGS:-"--shape 2b --shape 8b --variant packed+compile --variant legacy:packed+compile --passes 3"}
 BENCH_DEADLINE=${BENCH_DEADLINE:-270}
 if [ -d .devwheels/q1 ]; then  # the first half of the Ray pack: device_ray.sh picks it up in the next call
@@ -75,6 +86,13 @@ show() {  # the table of a bench's JSON, or the end of its log when it wrote non
   if [ -s "$OUT/$1.json" ]; then python3 -m benchmarks.bench --show "$OUT/$1.json"; else tail -20 "$OUT/$1.log"; fi
   echo
 }
+if [ -n "${COSINE_ARGS:-}" ]; then  # FP8 variants' cosine to bf16 and float32 (benchmarks/fp8_cosine.py)
+  echo "== [$(elapsed) s] fp8 cosine: $COSINE_ARGS =="
+  # shellcheck disable=SC2086
+  timeout 120 python3 -m benchmarks.fp8_cosine $COSINE_ARGS --json "$OUT/fp8_cosine.json" \
+    >"$OUT/fp8_cosine.out" 2>"$OUT/fp8_cosine.log"
+  echo "fp8_cosine exit $? after $(elapsed) s"; cat "$OUT/fp8_cosine.out"; tail -3 "$OUT/fp8_cosine.log"; echo
+fi
 bench bench "benchmark (and the baseline), text and image" "$BENCH_ARGS"
 if [ -n "${RERANK_ARGS:-}" ]; then  # the reranker's pairs/s, e.g. RERANK_ARGS="--shape 2b" (~1-2 minutes)
   echo "== [$(elapsed) s] reranker: $RERANK_ARGS =="
