@@ -7,7 +7,7 @@ It builds one model (the tiny checkpoint, or random weights at a real shape, as 
 benchmark's synthetic texts (`pipelines.synthetic`, log-normal lengths) in bf16 and in float32, then converts
 the decoder layers to FP8 one variant at a time (`VARIANTS`: what `fp8_keep` leaves in bf16, fused or not),
 putting the original layers back between variants, and prints each variant's cosine (min, mean) to both
-references. Speed is not measured here: on a CPU `torch._scaled_mm` is a reference kernel (benchmarks/bench.py
+references (`--device cuda`: the same on a GPU, where the 28 layers of 2B take seconds). Speed is not measured here: on a CPU `torch._scaled_mm` is a reference kernel (benchmarks/bench.py
 times the variants on a GPU).
 """
 
@@ -30,7 +30,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def build(shape: str, layers: int | None, dtype):
+def build(shape: str, layers: int | None, dtype, device: str = "cpu"):
     """(model, tokenizer, image processor): the tiny checkpoint, or random weights at `shape` with `layers`
     decoder layers (the vision tower cut to 3 blocks: the texts measured here never reach it)."""
     import torch
@@ -38,7 +38,7 @@ def build(shape: str, layers: int | None, dtype):
     from benchmarks.bench import load_models
 
     if shape == "tiny":
-        return load_models("tiny", torch.device("cpu"), dtype)
+        return load_models("tiny", torch.device(device), dtype)
     from transformers import Qwen3VLForConditionalGeneration
 
     from pipelines.model_shapes import shape_config, shape_processor_parts
@@ -50,7 +50,7 @@ def build(shape: str, layers: int | None, dtype):
     config.vision_config.depth = 3
     config.vision_config.deepstack_visual_indexes = [0, 1, 2]
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -67,7 +67,13 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def measure(
-    shape: str = "tiny", layers: int | None = None, items: int = 12, seed: int = 0, variants=None, log=print
+    shape: str = "tiny",
+    layers: int | None = None,
+    items: int = 12,
+    seed: int = 0,
+    variants=None,
+    device: str = "cpu",
+    log=print,
 ) -> dict:
     """Every variant's cosines to the bf16 and the float32 vectors of the same model and texts."""
     import torch
@@ -77,7 +83,7 @@ def measure(
     from pipelines.fp8 import convert_to_fp8, decoder_linears, restore_linears
 
     began = time.perf_counter()
-    model, tokenizer, image_processor = build(shape, layers, torch.bfloat16)
+    model, tokenizer, image_processor = build(shape, layers, torch.bfloat16, device)
     rng = np.random.default_rng(seed)
     prepared = [
         synthetic.text_item(rng, int(n), model.config) for n in synthetic.lognormal_lengths(rng, items)
@@ -87,7 +93,7 @@ def measure(
         "decoder_layers": model.config.text_config.num_hidden_layers,
         "items": items,
         "tokens": int(sum(p.num_tokens for p in prepared)),
-        "device": "cpu",
+        "device": device,
         "variants": {},
     }
     log(f"{shape}: {result['decoder_layers']} decoder layers, {items} texts, {result['tokens']} tokens")
@@ -137,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--items", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -144,7 +151,7 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = measure(args.shape, args.layers, args.items, args.seed, args.variant)
+    result = measure(args.shape, args.layers, args.items, args.seed, args.variant, args.device)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
