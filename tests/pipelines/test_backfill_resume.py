@@ -120,7 +120,12 @@ def run_and_kill(config_file: Path, commits: int, delay_s: float, head: RayHead 
             else:
                 os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        gone_by = time.monotonic() + 30  # the rest of the group (the raylet, the workers) dies after it
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < gone_by:
+                os.killpg(driver.pid, signal.SIGKILL)
+                time.sleep(0.2)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # else a process still dying could write there again
 
 
 def run_to_end(config_file: Path, head: RayHead) -> dict:
