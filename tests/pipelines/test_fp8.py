@@ -1,5 +1,7 @@
 """FP8 matmuls: the scaling math is exact up to float8 rounding, and vectors stay close to full precision."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,29 @@ def test_every_variant_stays_close_and_keeping_parts_moves_the_vectors_less():
     assert all(0.98 <= c < 0.99999 for c in worst.values()), worst
     assert abs(worst["all"] - worst["all, unfused"]) < 1e-4  # fusing changes the accumulation order only
     assert worst["keep first+last+down_proj"] > worst["all"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler"
+)
+def test_compiled_fused_fp8_takes_the_fused_path_in_the_same_two_graphs(tiny_model_dir, monkeypatch):
+    """Compiled, the slices still share one fused call (the unfused fallback made to fail), and a decoder
+    layer is still one graph shared by every layer (plus the vision block's): no graph break."""
+    from torch._dynamo.utils import counters
+
+    def unfused(self, x, index):
+        raise AssertionError("a slice computed its own product")
+
+    monkeypatch.setattr(Fp8Fused, "one", unfused)
+    torch._dynamo.reset()
+    options = dict(quantization="fp8", fp8_keep=["down_proj"], attention_layout="packed")
+    eager = Embedder.load(str(tiny_model_dir), device="cpu", **options)
+    expected = eager.embed_batch(ITEMS)
+    compiled = Embedder(
+        eager.model, eager.tokenizer, image_processor=eager.image_processor, compile=True, **options
+    )
+    before, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    np.testing.assert_allclose(compiled.embed_batch(ITEMS), expected, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert sum(counters["graph_break"].values()) == breaks
