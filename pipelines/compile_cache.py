@@ -90,6 +90,7 @@ def key_parts(config, engine) -> dict:
         "model_config": model_config,
         "dtype": str(engine.dtype),
         "quantization": config.quantization,
+        "fp8_keep": list(getattr(config, "fp8_keep", ())),
         "attn_implementation": config.attn_implementation,
         "engine": config.engine,
         "varlen_backend": getattr(engine, "backend", None),
