@@ -41,7 +41,7 @@ def build(shape: str, layers: int | None, dtype, device: str = "cpu"):
         return load_models("tiny", torch.device(device), dtype)
     from transformers import Qwen3VLForConditionalGeneration
 
-    from pipelines.model_shapes import shape_config, shape_processor_parts
+    from pipelines.model_shapes import model_from_config, shape_config, shape_processor_parts
 
     tokenizer, image_processor = shape_processor_parts()
     config = shape_config(shape, tokenizer)
@@ -50,15 +50,8 @@ def build(shape: str, layers: int | None, dtype, device: str = "cpu"):
     config.vision_config.depth = 3
     config.vision_config.deepstack_visual_indexes = [0, 1, 2]
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(0)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = Qwen3VLForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False), tokenizer, image_processor
+    model = model_from_config(Qwen3VLForConditionalGeneration, config, device=device, dtype=dtype)
+    return model, tokenizer, image_processor
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

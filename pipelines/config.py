@@ -148,7 +148,9 @@ class ModelOptions(StrictModel):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         """A flag gives one string: `--fp8-keep first,last,down_proj`."""
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        return (
+            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        )
 
     @model_validator(mode="after")
     def _check_model_options(self) -> Self:

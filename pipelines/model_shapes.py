@@ -130,7 +130,13 @@ def random_model(
     config = shape_config(shape, tokenizer)
     config._attn_implementation = attn_implementation
     cls = Qwen3VLForConditionalGeneration if generation else Qwen3VLModel
-    dtype = dtype or torch.bfloat16
+    return model_from_config(cls, config, device=device, dtype=dtype or torch.bfloat16, seed=seed)
+
+
+def model_from_config(cls, config, *, device: str, dtype, seed: int = 0):
+    """`cls(config)` with seeded random weights, built directly on `device` in `dtype`, in eval mode."""
+    import torch
+
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         previous = torch.get_default_dtype()
