@@ -78,6 +78,13 @@ def embedder(tiny_model_dir):
     return Embedder.load(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
+def on_the_same_weights(embedder, **options):
+    """Another `Embedder` on `embedder`'s loaded model, tokenizer and image processor, with `options`."""
+    from pipelines.embedder import Embedder
+
+    return Embedder(embedder.model, embedder.tokenizer, image_processor=embedder.image_processor, **options)
+
+
 def make_image(seed: int = 0, size: tuple[int, int] = (96, 64)):
     """A deterministic RGB noise image (width, height)."""
     from PIL import Image

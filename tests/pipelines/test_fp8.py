@@ -8,7 +8,7 @@ import torch
 
 from pipelines.embedder import Embedder
 from pipelines.fp8 import FP8, TARGETS, Fp8Fused, Fp8Linear, Fp8Slice, convert_to_fp8, quantize_rows
-from tests.conftest import make_image
+from tests.conftest import make_image, on_the_same_weights
 
 ITEMS = [
     "A much longer sentence about the old ship that carries three apples near the sea, again and again.",
@@ -67,13 +67,7 @@ def test_fp8_embedder_converts_every_decoder_linear_and_stays_close_to_float32(t
     assert not any(isinstance(m, Fp8Linear) for m in fp8.model.visual.modules())
     full = embedder.embed_batch(ITEMS)
     for layout in ("padded", "packed"):
-        got = Embedder(
-            fp8.model,
-            fp8.tokenizer,
-            image_processor=fp8.image_processor,
-            quantization="fp8",
-            attention_layout=layout,
-        ).embed_batch(ITEMS)
+        got = on_the_same_weights(fp8, quantization="fp8", attention_layout=layout).embed_batch(ITEMS)
         cosines = np.sum(got * full, axis=1)
         print(f"fp8 vs float32, {layout}: cosines {np.round(cosines, 5)}")
         # random weights: the bound depends on the checkpoint (tiny build 1: >= 0.99; build 2: min 0.988)

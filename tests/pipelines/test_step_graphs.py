@@ -19,6 +19,7 @@ from pipelines.step_graphs import (
     pad_step,
 )
 from pipelines.synthetic import image_item, text_item
+from tests.conftest import on_the_same_weights
 
 TEXTS = [
     "short",
@@ -159,13 +160,7 @@ def test_on_a_gpu_replayed_graphs_give_the_eager_packed_vectors_in_bf16_within_t
     cuda, tiny_model_dir
 ):
     eager = Embedder.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", attention_layout="packed")
-    graphed = Embedder(
-        eager.model,
-        eager.tokenizer,
-        image_processor=eager.image_processor,
-        attention_layout="packed",
-        cuda_graphs=True,
-    )
+    graphed = on_the_same_weights(eager, attention_layout="packed", cuda_graphs=True)
     assert graphed.engine.backend == "flash"
     graphed.warm_up()
     report = graphed.engine.step_graphs.report
