@@ -29,10 +29,6 @@ TEXTS = [
 ]
 
 
-def _embedder(embedder, **options):
-    return Embedder(embedder.model, embedder.tokenizer, image_processor=embedder.image_processor, **options)
-
-
 def _texts(config, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [text_item(rng, n, config) for n in lengths]
@@ -93,8 +89,8 @@ def test_a_padded_step_keeps_its_items_first_and_fills_the_bucket_with_dummies(e
 def test_a_step_padded_to_its_bucket_gives_the_vectors_of_the_unpadded_and_the_padded_layout(
     embedder, pooling, layer
 ):
-    packed = _embedder(embedder, attention_layout="packed", pooling=pooling, layer=layer)
-    padded_layout = _embedder(embedder, attention_layout="padded", pooling=pooling, layer=layer)
+    packed = on_the_same_weights(embedder, attention_layout="packed", pooling=pooling, layer=layer)
+    padded_layout = on_the_same_weights(embedder, attention_layout="padded", pooling=pooling, layer=layer)
     engine = packed.engine
     assert isinstance(engine, PackedForward) and isinstance(padded_layout.engine, PaddedForward)
     graphs = StepGraphs(engine)
@@ -111,7 +107,7 @@ def test_a_step_padded_to_its_bucket_gives_the_vectors_of_the_unpadded_and_the_p
 
 
 def test_the_engine_sends_text_steps_that_fit_a_bucket_through_the_graphs_and_the_rest_as_before(embedder):
-    packed = _embedder(embedder, attention_layout="packed")
+    packed = on_the_same_weights(embedder, attention_layout="packed")
     plain = packed.embed_batch(TEXTS + [{"text": "an image", "image": _image()}])
     packed.engine.step_graphs = graphs = StepGraphs(packed.engine)
     # one step of 4 texts (in a bucket), then one text alone, then an image step and a step too long
@@ -144,8 +140,10 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(embedder):
     with pytest.raises(ValueError, match="cuda_graphs=True needs attention_layout='packed'"):
         EmbedderConfig(cuda_graphs=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        _embedder(embedder, attention_layout="packed", cuda_graphs=True)
-    auto = _embedder(embedder, attention_layout="packed", cuda_graphs="auto")  # a CPU: no graphs, no error
+        on_the_same_weights(embedder, attention_layout="packed", cuda_graphs=True)
+    auto = on_the_same_weights(
+        embedder, attention_layout="packed", cuda_graphs="auto"
+    )  # a CPU: no graphs, no error
     auto.warm_up()
     assert auto.engine.step_graphs is None
     with pytest.raises(RuntimeError, match="need a CUDA device"):
