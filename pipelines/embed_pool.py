@@ -19,17 +19,16 @@ client): a few MB per batch, small beside a forward pass.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.stages import EmbedActor
 
-log = logging.getLogger(__name__)
-
 WORKER_RESTARTS = -1  # Ray restarts a dead worker as often as needed ...
-STOP_TIMEOUT_S = 10
 CALL_RETRIES = 3  # ... and retries a batch a few times: a batch that kills every worker fails the run
+CLIENT_CPUS = 0  # a client only waits on its worker; its worker holds the CPUs (a fraction here would leave a
+# 2-CPU node one short of a prepare task beside a 1-CPU worker)
+STOP_TIMEOUT_S = 10  # how long the stop waits for the workers' load counts
 
 
 class EmbedWorker(EmbedActor):
@@ -140,7 +139,3 @@ class EmbedPool:
             ray.kill(worker, no_restart=True)
         ray.kill(self.slots, no_restart=True)
         return loads
-
-
-CLIENT_CPUS = 0  # a client only waits on its worker; its worker holds the CPUs (a fraction here would leave a
-# 2-CPU node one short of a prepare task beside a 1-CPU worker)
