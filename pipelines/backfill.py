@@ -252,9 +252,8 @@ WRITE_CPUS = 0.5  # a write task mostly waits on storage
 def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, kept: dict[str, str]):
     """The vectors, errors and progress tables, checked against this job (or dropped first, with
     mode=overwrite) and made empty where missing."""
-    import pyarrow as pa
 
-    from pipelines.kept import check_kept_types
+    from pipelines.kept import check_kept_types, kept_type
     from pipelines.progress import open_progress, progress_name
     from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
 
@@ -264,7 +263,7 @@ def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, ke
             db.drop_table(name, ignore_missing=True)
     vectors = _open(db, table.name)
     if vectors is None:
-        fields = [pa.field(name, pa.type_for_alias(kind)) for name, kind in kept.items()]
+        fields = list(kept_type(kept))  # the readers' struct fields, as table columns
         vectors = db.create_table(table.name, schema=vectors_schema(embedder, dimension, fields))
     else:
         check_matches(vectors, embedder, dimension)

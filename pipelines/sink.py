@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import EmbedderConfig, TableConfig
-from pipelines.kept import check_kept_types, kept_values
+from pipelines.kept import check_kept_types, kept_type, kept_values
 from pipelines.table import TableConfigMismatch, check_matches, connect, errors_schema, vectors_schema
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,7 @@ class BackfillSink:
             self.errors.delete(sql_in(ids[start : start + 1000]))
 
     def _schema(self):
-        import pyarrow as pa
-
-        fields = [pa.field(name, pa.type_for_alias(kind)) for name, kind in self.kept_types.items()]
-        return vectors_schema(self.embedder, self.dimension, fields)
+        return vectors_schema(self.embedder, self.dimension, list(kept_type(self.kept_types)))
 
     # -- end -----------------------------------------------------------------------------------------------
 
