@@ -4,7 +4,7 @@ The inputs are split into work units (`pipelines.work_units`); units already rec
 (`pipelines.progress`) are skipped unread, the rest run in groups of about `commit_rows` rows: each group is
 one Ray Data job whose write tasks write Lance fragments (`pipelines.lance_write`), then one commit of their
 metadata. The driver holds O(units) state and no vectors. After the run, `pipelines.table_upkeep` compacts
-and indexes the table.
+and indexes the table, in a Ray worker process (its memory grows with the table; the driver's does not).
 
     python -m pipelines.backfill --config job.yaml            # or: vlm-embed backfill --config job.yaml
     ray job submit --working-dir . -- python -m pipelines.backfill --config job.yaml
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pipelines.backends import embedding_dimension
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.config_flags import add_config_flags, with_flags
-from pipelines.ray_cluster import ray_address, resolve_num_gpus
+from pipelines.ray_cluster import off_driver, ray_address, resolve_num_gpus
 from pipelines.readers import is_uri
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,9 @@ def run_backfill(
         )
     if totals["read"] and not totals["embedded"] + totals["errored"]:
         log.info("nothing left to do: all %d rows were already in the tables", totals["read"])
-    kept_up = upkeep(tables[0], tables[1], config.table, changed=bool(totals["embedded"] + totals["errored"]))
+    kept_up = off_driver(upkeep, config.table, bool(totals["embedded"] + totals["errored"]))
+    for table in tables[:2]:
+        table.checkout_latest()  # the run's commits, the compaction and the indexes were made elsewhere
     summary = BackfillSummary(
         read=totals["read"],
         embedded=totals["embedded"],

@@ -9,7 +9,8 @@ then one process commits the fragments' metadata as one new table version. Here:
   vectors), its counts and the rows it saw per work unit. No vector passes through the driver.
 - `commit_wave` (the driver, once per group of units): upserts the error rows into the errors table, deletes
   the retried ids that now have a vector from it, appends the fragments to the vectors table in one commit,
-  records the units in the progress table (`pipelines.progress`), and brings the `id` index up to date.
+  records the units in the progress table (`pipelines.progress`), and brings the `id` index up to date (in a
+  Ray worker process: its memory grows with the table).
 
 Why our own `Datasink` and not `lance_ray.LanceDatasink` (lance-ray 0.5 works with pylance 14 and Ray 2.60
 here, Ray's own `write_lance` does not): lance-ray's sink writes one table and commits in its
@@ -37,6 +38,8 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
+
+from pipelines.ray_cluster import off_driver
 
 log = logging.getLogger(__name__)
 
@@ -311,28 +314,35 @@ def commit_wave(
         commits += 1
     record_units(progress, rows_by_unit)
     commits += 1
-    for table, uri in ((vectors, target.vectors_uri), (errors, target.errors_uri)):
-        update_id_index(uri, dict(target.storage_options) or None)
+    uris = (target.vectors_uri, target.errors_uri)
+    off_driver(update_id_indexes, uris, dict(target.storage_options) or None)  # grows with the table
+    for table in (vectors, errors):
         table.checkout_latest()
     return WaveCommit(counts, rows_by_unit, commits)
 
 
-def update_id_index(uri: str, storage_options: dict | None) -> None:
-    """The BTREE index on `id` the look-ups use: made once the table has rows, then brought up to date; the
-    table compacted when a run has left it more than `MAX_FRAGMENTS` fragments."""
+def update_id_indexes(uris: tuple[str, ...], storage_options: dict | None) -> None:
+    """The BTREE index on `id` the look-ups use, in each table: made once the table has rows, then brought up
+    to date; the table compacted when a run has left it more than `MAX_FRAGMENTS` fragments. Safe to run
+    twice (Ray retries it where its worker died)."""
     import lance
 
-    try:
-        dataset = lance.dataset(uri, storage_options=storage_options)
-        if dataset.count_rows() == 0:
-            return
-        names = [i["name"] if isinstance(i, dict) else i.name for i in dataset.list_indices()]
-        if ID_INDEX in names:
-            dataset.optimize.optimize_indices(index_names=[ID_INDEX])
-        else:
-            dataset.create_scalar_index("id", "BTREE", name=ID_INDEX)
-        dataset = lance.dataset(uri, storage_options=storage_options)
-        if len(dataset.get_fragments()) > MAX_FRAGMENTS:
-            dataset.optimize.compact_files()
-    except Exception as exc:  # an index is an optimisation: the look-up scans without it
-        log.warning("could not update the id index of %s: %s", uri, exc)
+    for uri in uris:
+        try:
+            _update_id_index(lance, uri, storage_options)
+        except Exception as exc:  # an index is an optimisation: the look-up scans without it
+            log.warning("could not update the id index of %s: %s", uri, exc)
+
+
+def _update_id_index(lance, uri: str, storage_options: dict | None) -> None:
+    dataset = lance.dataset(uri, storage_options=storage_options)
+    if dataset.count_rows() == 0:
+        return
+    names = [i["name"] if isinstance(i, dict) else i.name for i in dataset.list_indices()]
+    if ID_INDEX in names:
+        dataset.optimize.optimize_indices(index_names=[ID_INDEX])
+    else:
+        dataset.create_scalar_index("id", "BTREE", name=ID_INDEX)
+    dataset = lance.dataset(uri, storage_options=storage_options)
+    if len(dataset.get_fragments()) > MAX_FRAGMENTS:
+        dataset.optimize.compact_files()

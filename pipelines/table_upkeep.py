@@ -7,7 +7,8 @@ A run appends a few fragments per commit (one or more per write task). After it,
 - builds a cosine IVF_PQ index on `vector` once the table reaches `vector_index_min_rows`, and the full-text
   index on `text` (`fts_index`) when there is none yet.
 What it did is returned as short phrases for the summary line. An index is an optimisation: failing to build
-one is logged, never fatal.
+one is logged, never fatal. The backfill runs it off the driver (`pipelines.ray_cluster.off_driver`): its memory
+grows with the table.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ def fragment_count(table) -> int:
     return len(table.to_lance().get_fragments())
 
 
-def upkeep(table, errors, config: TableConfig, changed: bool) -> Upkeep:
-    """Compact and index the vectors table after a run; `changed`: the run committed rows."""
+def upkeep(config: TableConfig, changed: bool) -> Upkeep:
+    """Compact and index the vectors table (and compact the errors table) after a run; `changed`: the run
+    committed rows. Opens the tables itself, so that it can run in any process."""
     from lancedb.index import FTS, IvfPq
+
+    from pipelines.table import connect
 
     result = Upkeep()
     try:
-        table.checkout_latest()  # the commits of the run were made through Lance, not this handle
-        errors.checkout_latest()
+        db = connect(config)
+        table, errors = db.open_table(config.name), db.open_table(config.errors_name)
         if changed:
             before = fragment_count(table)
             table.optimize()
