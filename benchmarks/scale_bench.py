@@ -5,7 +5,9 @@ measured is the pipeline itself (reading, preparing, moving rows, writing, resum
     python -m benchmarks.scale_bench --rows 300 --nodes 1              # a smoke run (what the test runs)
 
 For each corpus size and node count it starts a local Ray cluster (`cluster/local.sh up N-1`: a head and N-1
-workers on 127.0.0.1, 2 CPUs each), runs two passes as separate driver processes, and prints one table row each:
+workers on 127.0.0.1, 2 CPUs each; with `--pin-cores`, node i runs on core i only and the driver on the head's
+core, so that on a 2-core machine 2 nodes have twice the cores of 1), runs two passes as separate driver
+processes, and prints one table row each:
 - `full`: a fresh table, every row of the corpus embedded;
 - `resume`: the same job again with a new source of `--new-rows` rows beside the corpus: every corpus row is
   already done, so this is a resume of the full table; its first new row shows how long a resume takes to
@@ -16,7 +18,9 @@ versions the pass added to the vectors and errors tables, index builds included)
 `--sample-s`), the seconds from `run_backfill`'s start to the first batch the embedder finished (the stand-in's
 trace), and below it each Ray Data operator's busy time: the sum of its tasks' wall time (Ray Data's stats,
 taken by an execution callback in the driver), and `driver sink`: the time the driver spent in
-`pipelines.sink.BackfillSink.write`/`close`, where the design writes every row from the driver (the old one).
+`pipelines.sink.BackfillSink.write`/`close`, where the design writes every row from the driver (the old one);
+then the driver's RSS at the run's start, its peak up to the last commit and its peak after it (the upkeep),
+sampled every 0.25 s.
 
 The corpus is generated deterministically into `--workdir` and cached there (Parquet files of
 `--rows-per-file` rows: ids `r000000000`..., short texts of 4 to 24 words from the bundled sample texts'
@@ -240,19 +244,58 @@ def pass_config(spec: dict[str, Any]):
     )
 
 
-def code_location() -> dict[str, str]:
-    """Where `pipelines` comes from in the driver and in a Ray worker (the tree a pass measures)."""
+def code_location() -> dict[str, Any]:
+    """Where `pipelines` comes from in the driver and in a Ray worker (the tree a pass measures), and the CPU
+    cores each may run on (one, with `--pin-cores`)."""
     import ray
 
     import pipelines
 
     @ray.remote(num_cpus=0)
-    def where() -> str:
+    def where() -> tuple[str, list[int]]:
         import pipelines
 
-        return os.path.dirname(pipelines.__file__)
+        return os.path.dirname(pipelines.__file__), sorted(os.sched_getaffinity(0))
 
-    return {"driver": os.path.dirname(pipelines.__file__), "worker": ray.get(where.remote(), timeout=120)}
+    worker, worker_cores = ray.get(where.remote(), timeout=120)
+    return {
+        "driver": os.path.dirname(pipelines.__file__),
+        "worker": worker,
+        "driver_cores": sorted(os.sched_getaffinity(0)),
+        "worker_cores": worker_cores,
+    }
+
+
+class DriverRss:
+    """This process's RSS, sampled in a thread; its peak in each interval between `mark()`s (a commit)."""
+
+    def __init__(self, period_s: float = 0.25):
+        import psutil
+
+        self.process, self.period_s = psutil.Process(), period_s
+        self.peaks = [self.process.memory_info().rss]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DriverRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peaks[-1] = max(self.peaks[-1], self.process.memory_info().rss)
+
+    def mark(self, rows: int = 0) -> None:
+        self.peaks.append(self.process.memory_info().rss)
+
+    def phases(self) -> dict[str, float]:
+        """MiB: at the start of the run, the peak up to its last commit, the peak after it (the upkeep)."""
+        mib = [p / 2**20 for p in self.peaks]
+        return {"start": mib[0], "commits": max(mib[:-1] or mib), "after": mib[-1]}
 
 
 def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +309,8 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
     code = code_location()
     sink = time_driver_sink()
     started = time.time()
-    summary = run_backfill(config, quiet=True)
+    with DriverRss() as rss:
+        summary = run_backfill(config, on_batch=rss.mark, quiet=True)
     stages = stage_times(StatsRecorder.summaries if StatsRecorder is not None else [])
     if sink["seconds"]:
         stages["driver sink"] = sink["seconds"]
@@ -282,6 +326,7 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         "errors_in_table": summary.errors_in_table,
         "commits": table_versions(config.table.uri, names) - versions_before,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_rss_mib": rss.phases(),
         "stages": stages,
         "code": code,
         "line": summary.line(),
@@ -294,8 +339,8 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
 class LocalCluster:
     """`cluster/local.sh` with its own directory and ports; `env` points a driver at it."""
 
-    def __init__(self, nodes: int, directory: Path, port: int, trace_dir: Path, log=print):
-        self.nodes, self.directory, self.port, self.log = nodes, directory, port, log
+    def __init__(self, nodes: int, directory: Path, port: int, trace_dir: Path, log=print, pin: bool = False):
+        self.nodes, self.directory, self.port, self.log, self.pin = nodes, directory, port, log, pin
         self.script = REPO / "cluster" / "local.sh"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},  # never another cluster's
@@ -304,6 +349,7 @@ class LocalCluster:
             "VLM_EMBED_CLUSTER_CPUS": "2",
             "RAY": str(Path(sys.executable).with_name("ray")),
             "VLM_EMBED_STAND_IN_TRACE": str(trace_dir),  # the nodes' workers inherit it
+            "VLM_EMBED_CLUSTER_PIN": "1" if pin else "0",
         }
 
     def __enter__(self) -> LocalCluster:
@@ -460,6 +506,8 @@ def run_pass_process(spec: dict[str, Any], cluster: LocalCluster, tree: Path, ar
             "PYTHONPATH": os.pathsep.join([str(tree), str(REPO)]),
         }
         command = [sys.executable, str(REPO / "benchmarks" / "scale_bench.py"), "--one-pass", str(spec_path)]
+        if cluster.pin:  # the driver shares the head node's core
+            command = ["taskset", "-c", "0", *command]
         command += ["--one-pass-out", str(out_path)]
         with WorkerRss(cluster.node_pids(), args.sample_s) as workers:
             done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)
@@ -493,7 +541,7 @@ def run(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
             shutil.rmtree(trace_dir, ignore_errors=True)
             cluster_dir = Path(args.cluster_dir)
             port = args.cluster_port or free_port_block()
-            with LocalCluster(nodes, cluster_dir, port, trace_dir, log) as cluster:
+            with LocalCluster(nodes, cluster_dir, port, trace_dir, log, args.pin_cores) as cluster:
                 base = {"table_uri": str(table_uri), "actors": nodes}
                 passes = [
                     {"pass": "full", "mode": "overwrite", "sources": [["corpus", str(corpus)]]},
@@ -549,7 +597,16 @@ def format_rows(results: list[dict[str, Any]]) -> str:
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in results]
     for r in results:
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in r["stages"].items()) or "-"
-        lines.append(f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}")
+        phases = r.get("driver_rss_mib")
+        driver = (
+            f"; driver RSS MiB: {phases['start']:.0f} at the start, peak {phases['commits']:.0f} up to the "
+            f"last commit, {phases['after']:.0f} after it"
+            if phases
+            else ""
+        )
+        lines.append(
+            f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{driver}"
+        )
     return "\n".join(lines)
 
 
@@ -586,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster-port", type=int, help="local.sh's GCS port (default: the first free block from 6590)"
     )
     p.add_argument("--sample-s", type=float, default=1.0, help="how often worker RSS is sampled")
+    p.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="node i runs on core i only, the driver on the head's core 0 (cluster/local.sh's "
+        "VLM_EMBED_CLUSTER_PIN), so that 2 nodes on a 2-core machine have twice the cores of 1 node",
+    )
     p.add_argument("--keep-tables", action="store_true", help="keep the tables after each run")
     p.add_argument("--json", type=Path, help="also write every pass's figures here")
     p.add_argument("--one-pass", type=Path, help=argparse.SUPPRESS)

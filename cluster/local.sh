@@ -16,12 +16,15 @@
 #   VLM_EMBED_CLUSTER_PORT  the GCS port (default 6390); the dashboard is PORT+1, the client server PORT+2,
 #                           node i uses PORT+10+10i.. and worker ports PORT+20000+200i..+199
 #   VLM_EMBED_CLUSTER_CPUS  CPUs each node offers (default 2)
+#   VLM_EMBED_CLUSTER_PIN   1: node i (the head is 0) runs on CPU core i mod the core count (taskset), so that
+#                           nodes on one machine do not share cores (the scale benchmark's 1 vs 2 nodes)
 #   RAY                     the ray executable (default: ray on PATH; jobs run the `python` on PATH)
 set -euo pipefail
 
 DIR=${VLM_EMBED_CLUSTER_DIR:-/tmp/vlmc}
 PORT=${VLM_EMBED_CLUSTER_PORT:-6390}
 CPUS=${VLM_EMBED_CLUSTER_CPUS:-2}
+PIN=${VLM_EMBED_CLUSTER_PIN:-0}
 RAY=${RAY:-ray}
 GCS=$PORT
 DASHBOARD=$((PORT + 1))
@@ -42,12 +45,13 @@ node_ports() { # the per-node ports of node $1 (0: the head)
         "--min-worker-port=$workers --max-worker-port=$((workers + 199))"
 }
 
-start_node() { # name, then ray start arguments; runs `ray start --block` in its own process group
-    local name=$1
-    shift
+start_node() { # name, node index, then ray start arguments; runs `ray start --block` in its own process group
+    local name=$1 pin=()
+    [ "$PIN" = 1 ] && pin=(taskset -c "$(($2 % $(nproc)))")
+    shift 2
     # shellcheck disable=SC2016  # $$ and $@ belong to the inner shell
     setsid bash -c 'echo $$ > "$0"; exec "$@"' "$DIR/$name.pid" \
-        "$RAY" start --block --node-ip-address=127.0.0.1 --num-cpus="$CPUS" --disable-usage-stats "$@" \
+        "${pin[@]}" "$RAY" start --block --node-ip-address=127.0.0.1 --num-cpus="$CPUS" --disable-usage-stats "$@" \
         >"$DIR/$name.log" 2>&1 </dev/null &
 }
 
@@ -92,12 +96,12 @@ up() {
         (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN")
     fi
     # shellcheck disable=SC2046  # node_ports is a list of flags
-    start_node head --head --port="$GCS" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD" \
+    start_node head 0 --head --port="$GCS" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD" \
         --ray-client-server-port="$CLIENT" --include-dashboard=true --temp-dir="$DIR/h" $(node_ports 0)
     wait_for 300 "the head node" nodes_up 1
     for i in $(seq 1 "$workers"); do
         # shellcheck disable=SC2046
-        start_node "worker$i" --address="127.0.0.1:$GCS" $(node_ports "$i")
+        start_node "worker$i" "$i" --address="127.0.0.1:$GCS" $(node_ports "$i")
     done
     wait_for 300 "$workers worker node(s)" nodes_up $((workers + 1))
     wait_for 120 "the dashboard" dashboard_ready

@@ -1,5 +1,5 @@
 """The scale benchmark generates its corpus deterministically, and on a tiny corpus prints a table with a full and
-a resume pass whose figures add up (a local.sh cluster of one node, the stand-in embedder)."""
+a resume pass whose figures add up (a local.sh cluster of one node pinned to core 0, the stand-in embedder)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,17 @@ def test_the_first_embedded_batch_is_the_earliest_trace_line_of_the_pass(tmp_pat
 @pytest.mark.timeout(1800)  # a loaded machine may need several tries to start the cluster
 def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, capsys):
     out = tmp_path / "result.json"
-    argv = ["--rows", "300", "--nodes", "1", "--new-rows", "40", "--workdir", str(tmp_path / "w")]
+    argv = [
+        "--rows",
+        "300",
+        "--nodes",
+        "1",
+        "--new-rows",
+        "40",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--pin-cores",
+    ]
     argv += ["--cluster-dir", f"/tmp/vsbt{tmp_path.name[-6:]}", "--json", str(out)]
     assert main(argv) == 0
     full, resume = json.loads(out.read_text())
@@ -70,9 +80,13 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         assert 0 < result["first_row_s"] < result["seconds"]
         assert result["commits"] >= 1
         assert 50 < result["driver_peak_mib"] < 4096 and 50 < result["worker_peak_mib"] < 4096
+        phases = result["driver_rss_mib"]
+        assert 50 < phases["start"] <= phases["commits"] <= result["driver_peak_mib"] + 1
+        assert result["code"]["driver_cores"] == result["code"]["worker_cores"] == [0]  # one node: core 0
         assert any("EmbedClient" in name for name in result["stages"])
         assert any("prepare_batch" in name for name in result["stages"])
     printed = capsys.readouterr().out
+    assert "driver RSS MiB:" in printed
     header = printed.splitlines()[0]
     assert all(f" {column} |" in header for column in COLUMNS)
     row = next(line for line in printed.splitlines() if line.startswith("| current | 300 | 1 | full |"))
