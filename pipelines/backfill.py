@@ -237,6 +237,7 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
             if on_batch is not None:
                 on_batch(done.counts["read"])
     finally:
+        lance_write.stop_claims(claims)
         loads = pool.stop()
     log.info(
         "%d embedding worker(s) loaded the model %s time(s) for %d group(s)",

@@ -123,6 +123,14 @@ def reset_claims(claims: tuple) -> None:
     ray.get([c.reset.remote() for c in claims])
 
 
+def stop_claims(claims: tuple) -> None:
+    """End the run's claim actors (a driver that runs several backfills, a notebook, would keep them all)."""
+    import ray
+
+    for actor in claims:
+        ray.kill(actor)
+
+
 def _partition(row_id: str, partitions: int) -> int:
     import zlib
 

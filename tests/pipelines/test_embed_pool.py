@@ -1,9 +1,10 @@
-"""The backfill's embedding workers: started once per run whatever its number of groups, and only loaded
-workers take batches."""
+"""The backfill's embedding workers: started once per run whatever its number of groups, only loaded workers
+take batches, and none of the run's actors outlives it."""
 
 import json
 import logging
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,27 @@ def test_a_run_of_three_groups_loads_the_model_once(tmp_path, tiny_model_dir, ra
     )
     assert (workers, loads) == (1, 1) and groups >= 3
     assert connect(config.table).open_table("vectors").count_rows() == 30
+    assert run_actors_gone(within_s=30), "the run left its actors (embedding workers, id claims) alive"
+
+
+def run_actors_gone(within_s: float) -> bool:
+    """No process of this machine is a run's actor (Ray names an actor's process `ray::<class>`)."""
+    import psutil
+
+    def alive() -> list[str]:
+        names = []
+        for process in psutil.process_iter(["cmdline"]):
+            first = (process.info["cmdline"] or [""])[0]
+            if first.startswith(("ray::EmbedWorker", "ray::IdClaims")):
+                names.append(first)
+        return names
+
+    deadline = time.monotonic() + within_s
+    while alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def test_a_worker_ray_cannot_place_takes_no_batch(tiny_model_dir, embedder, ray_session):

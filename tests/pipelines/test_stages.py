@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig
-from pipelines.lance_write import Target, dataset_uri, reset_claims, start_claims
+from pipelines.lance_write import Target, dataset_uri, reset_claims, start_claims, stop_claims
 from pipelines.prepare import PreparedItem
 from pipelines.prepared_arrow import prepared_schema
 from pipelines.readers import row_schema
@@ -126,6 +126,7 @@ def test_a_repeated_id_is_marked_once_it_was_claimed_and_a_retried_task_claims_i
     assert mark_done(later, target)["status"].to_pylist() == ["repeat"]
     reset_claims(claims)
     assert mark_done(later, target)["status"].to_pylist() == ["todo"]  # a new group starts empty
+    stop_claims(claims)
 
 
 def test_prepare_turns_bad_rows_into_errors_and_passes_the_others_through(config, embedder, inputs):
