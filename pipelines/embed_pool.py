@@ -108,6 +108,7 @@ class EmbedPool:
             num_cpus=num_cpus,
             max_restarts=WORKER_RESTARTS,
             max_task_retries=CALL_RETRIES,
+            scheduling_strategy="SPREAD",  # over the nodes, as Ray Data's own actor pools are placed
         )
         workers = tuple(worker.remote(config_json, dimension) for _ in range(size))
         slots = ray.remote(num_cpus=0)(Slots).remote()
