@@ -273,7 +273,8 @@ class DriverRss:
         import psutil
 
         self.process, self.period_s = psutil.Process(), period_s
-        self.peaks = [self.process.memory_info().rss]
+        self.start = self.process.memory_info().rss
+        self.peaks = [self.start]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -295,7 +296,7 @@ class DriverRss:
     def phases(self) -> dict[str, float]:
         """MiB: at the start of the run, the peak up to its last commit, the peak after it (the upkeep)."""
         mib = [p / 2**20 for p in self.peaks]
-        return {"start": mib[0], "commits": max(mib[:-1] or mib), "after": mib[-1]}
+        return {"start": self.start / 2**20, "commits": max(mib[:-1] or mib), "after": mib[-1]}
 
 
 def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
