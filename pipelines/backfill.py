@@ -137,6 +137,7 @@ def run_backfill(
     `on_batch(rows)`, if given, is called after each commit with the rows it accounted for (benchmarks time
     the steady state with it). `quiet`: if this call starts Ray, Ray's own output goes to its log files."""
     from pipelines import progress
+    from pipelines.image_listing import ListingPlace, remove_listings
     from pipelines.source_check import check_sources
     from pipelines.table_upkeep import upkeep
     from pipelines.work_units import plan_units, waves
@@ -148,7 +149,10 @@ def run_backfill(
     check_sources(config.sources)  # before Ray starts and before a table is touched: fail in a second
     dimension = embedding_dimension(config.embedder)
     kept = kept_columns(config)
-    units = plan_units(config.sources, config.table.unit_bytes, config.table.unit_files)
+    listings = ListingPlace(
+        config.table.uri, config.table.name, tuple(sorted(config.table.storage_options.items()))
+    )
+    units = plan_units(config.sources, config.table.unit_bytes, config.table.unit_files, listings)
     connect_ray(config.resources, quiet)  # before LanceDB starts its threads: Ray forks its processes
     tables = open_tables(config.table, config.embedder, dimension, kept)
     recorded = {} if config.table.retry_errors else progress.committed_units(tables[2])
@@ -163,10 +167,13 @@ def run_backfill(
             before,
         )
     commits = 0
-    if todo:
-        commits = _run_groups(
-            config, waves(todo, config.table.commit_rows), tables, kept, dimension, totals, on_batch
-        )
+    try:
+        if todo:
+            commits = _run_groups(
+                config, waves(todo, config.table.commit_rows), tables, kept, dimension, totals, on_batch
+            )
+    finally:
+        remove_listings(listings, range(len(config.sources)))
     if totals["read"] and not totals["embedded"] + totals["errored"]:
         log.info("nothing left to do: all %d rows were already in the tables", totals["read"])
     kept_up = off_driver(upkeep, config.table, bool(totals["embedded"] + totals["errored"]))

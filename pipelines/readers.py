@@ -307,40 +307,56 @@ def _has_extension(name: str, extensions: list[str]) -> bool:
 
 def list_images(source: SourceConfig) -> list[dict[str, Any]]:
     """The image files under the folder (recursive, sorted), one row each; an unreadable folder is an error row."""
+    return list(iter_images(source))
+
+
+def iter_images(source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """`list_images`, one row at a time, holding one folder's listing at a time: in each folder its files
+    (sorted), then its subfolders (sorted), local or object storage alike."""
     root = source.path
     if is_uri(root):
-        return _list_images_uri(source)
+        yield from _iter_images_uri(source)
+        return
     if os.path.isfile(root):
-        return [_empty(source, os.path.basename(root)) | {"image_uri": root, "status": "todo"}]
-    rows: list[dict[str, Any]] = []
+        yield _empty(source, os.path.basename(root)) | {"image_uri": root, "status": "todo"}
+        return
+    failed: list[dict[str, Any]] = []
 
     def unreadable(exc: OSError) -> None:
         rel = os.path.relpath(exc.filename or root, root)
-        rows.append(error_row(source, rel, "image_unreadable", f"cannot list {exc.filename}: {exc.strerror}"))
+        failed.append(
+            error_row(source, rel, "image_unreadable", f"cannot list {exc.filename}: {exc.strerror}")
+        )
 
     for folder, dirs, files in os.walk(root, onerror=unreadable):
+        yield from failed
+        failed.clear()
         dirs.sort()
         for name in sorted(files):
             if _has_extension(name, source.extensions):
                 full = os.path.join(folder, name)
                 rel = PurePosixPath(*os.path.relpath(full, root).split(os.sep)).as_posix()
-                rows.append(_empty(source, rel) | {"image_uri": full, "status": "todo"})
-    return rows
+                yield _empty(source, rel) | {"image_uri": full, "status": "todo"}
+    yield from failed
 
 
-def _list_images_uri(source: SourceConfig) -> list[dict[str, Any]]:
+def _iter_images_uri(source: SourceConfig) -> Iterator[dict[str, Any]]:
     from pyarrow import fs
 
     filesystem = filesystem_for(source.path, source.storage_options)
     root = source.path.split("://", 1)[1].rstrip("/")
     scheme = source.path.split("://", 1)[0]
-    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
-    rows = []
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type == fs.FileType.File and _has_extension(info.base_name, source.extensions):
-            rel = info.path[len(root) :].lstrip("/")
-            rows.append(_empty(source, rel) | {"image_uri": f"{scheme}://{info.path}", "status": "todo"})
-    return rows
+    folders = [root]
+    while folders:  # depth first, as os.walk: a folder's files, then each subfolder in order
+        folder = folders.pop()
+        infos = sorted(
+            filesystem.get_file_info(fs.FileSelector(folder, recursive=False)), key=lambda i: i.path
+        )
+        for info in infos:
+            if info.type == fs.FileType.File and _has_extension(info.base_name, source.extensions):
+                rel = info.path[len(root) :].lstrip("/")
+                yield _empty(source, rel) | {"image_uri": f"{scheme}://{info.path}", "status": "todo"}
+        folders.extend(reversed([i.path for i in infos if i.type == fs.FileType.Directory]))
 
 
 # -- sources -----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ per unit. The split, chosen so that the same inputs always give the same units:
 - JSONL compressed (`.gz`, `.bz2`, `.zst`, ...) and CSV: one file (a CSV field may hold a newline, so a CSV file
   cannot be cut at a byte offset; a compressed stream cannot be entered mid-way).
 - Parquet: one row group.
-- Image folders: `unit_files` images of the sorted listing (the listing, paths only, is held by the driver).
+- Image folders: `unit_files` images of the sorted listing, which the driver streams to a Parquet file beside
+  the table, a row group per unit (`pipelines.image_listing`), holding only the units.
 
 A unit's key names its source, its file, its range and the file's size (a file that grew is new work); a
 chunk of images is keyed by a digest of its paths. Inputs that change under the same key are not detected.
@@ -20,15 +21,14 @@ the writer to count the rows of each unit.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import SourceConfig
+from pipelines.image_listing import ListingPlace
 from pipelines.kept import kept_column, kept_types
 from pipelines.readers import (
     ROWS_PER_BLOCK,
@@ -39,7 +39,7 @@ from pipelines.readers import (
     expand_paths,
     filesystem_for,
     is_uri,
-    list_images,
+    iter_images,
     row_schema,
 )
 
@@ -58,25 +58,34 @@ class WorkUnit:
     end: int = 0  # byte end (range), first row number of the group (row_group), last image + 1 (images)
     size: int = 0  # the file's size in bytes
     rows: int = 0  # rows, estimated (range, file) or exact (row_group, images)
-    images: tuple = field(default=(), compare=False, repr=False)  # the rows of an images chunk
+    digest: str = ""  # images: of the chunk's ids
+    listing: str = field(default="", compare=False)  # images: the listing file; `group` is its row group
+    group: int = field(default=0, compare=False)
+    listing_options: tuple = field(default=(), compare=False, repr=False)  # the listing's storage options
 
     @property
     def key(self) -> str:
         if self.kind == "images":
-            digest = hashlib.sha256(json.dumps([r["id"] for r in self.images]).encode()).hexdigest()[:16]
-            return f"{self.source}|images|{self.path}|{self.start}-{self.end}|{digest}"
+            return f"{self.source}|images|{self.path}|{self.start}-{self.end}|{self.digest}"
         return f"{self.source}|{self.kind}|{self.path}|{self.start}-{self.end}|{self.size}"
 
 
 # -- planning ------------------------------------------------------------------------------------------------
 
 
-def plan_units(sources: list[SourceConfig], unit_bytes: int, unit_files: int) -> list[WorkUnit]:
-    """Every source's units, in a fixed order (sources as given, files sorted)."""
+def plan_units(
+    sources: list[SourceConfig], unit_bytes: int, unit_files: int, listings: ListingPlace | None = None
+) -> list[WorkUnit]:
+    """Every source's units, in a fixed order (sources as given, files sorted). Image folders' listings are
+    written to `listings` (the backfill: beside the table; default: a new local temporary directory)."""
     units: list[WorkUnit] = []
     for index, source in enumerate(sources):
         if source.kind == "images":
-            units.extend(_image_units(index, source, unit_files))
+            if listings is None:
+                import tempfile
+
+                listings = ListingPlace(tempfile.mkdtemp(prefix="vlm-embed-listings-"), "units")
+            units.extend(_image_units(index, source, unit_files, listings))
             continue
         filesystem = filesystem_for(source.path, source.storage_options)
         for path, size in _table_files(source, filesystem):
@@ -189,16 +198,31 @@ def _estimate_rows(filesystem, path: str, size: int) -> int:
     return max(int(size * lines / max(len(head), 1)), 1)
 
 
-def _image_units(index: int, source: SourceConfig, unit_files: int) -> list[WorkUnit]:
-    rows = [
-        row for path in expand_paths(source) for row in list_images(source.model_copy(update={"path": path}))
-    ]
-    if not rows:
+def _image_units(index: int, source: SourceConfig, unit_files: int, place: ListingPlace) -> list[WorkUnit]:
+    from pipelines.image_listing import remove_listings, write_listing
+
+    rows = (
+        row for path in expand_paths(source) for row in iter_images(source.model_copy(update={"path": path}))
+    )
+    listing, chunks = write_listing(rows, place, index, unit_files)
+    if not chunks:
+        remove_listings(place, [index])
         raise FileNotFoundError(f"source {source.label!r}: no {source.extensions} files under {source.path}")
     return [
-        WorkUnit(index, "images", source.path, start, start + len(chunk), 0, len(chunk), tuple(chunk))
-        for start in range(0, len(rows), unit_files)
-        for chunk in [rows[start : start + unit_files]]
+        WorkUnit(
+            index,
+            "images",
+            source.path,
+            c.start,
+            c.start + c.rows,
+            0,
+            c.rows,
+            digest=c.digest,
+            listing=listing,
+            group=c.group,
+            listing_options=place.storage_options,
+        )
+        for c in chunks
     ]
 
 
@@ -236,7 +260,9 @@ def _block(rows: list[dict[str, Any]], schema, kept: dict[str, str]):
 
 def _unit_rows(unit: WorkUnit, source: SourceConfig) -> Iterator[dict[str, Any]]:
     if unit.kind == "images":
-        yield from (dict(row) for row in unit.images)
+        from pipelines.image_listing import read_chunk
+
+        yield from read_chunk(unit.listing, unit.group, dict(unit.listing_options) or None, source)
         return
     filesystem = filesystem_for(unit.path, source.storage_options)
     location = _fs_path(unit.path)

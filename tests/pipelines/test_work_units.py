@@ -10,6 +10,7 @@ import pytest
 from pipelines.config import SourceConfig
 from pipelines.work_units import plan_units, read_unit, waves
 from tests.conftest import make_image
+from tests.s3_server import s3_server  # noqa: F401 (a fixture)
 
 
 def lines_of(units, source):
@@ -90,3 +91,63 @@ def test_rows_carry_their_unit_and_row_number_and_groups_hold_about_commit_rows(
     groups = waves(list(enumerate(units)), rows=12)
     assert [pair for group in groups for pair in group] == list(enumerate(units))
     assert all(sum(u.rows for _, u in group) <= 12 or len(group) == 1 for group in groups)
+
+
+def image_folder(root, folders: int, per_folder: int = 500):
+    for folder in range(folders):  # names only: nothing is decoded when planning
+        (root / f"f{folder:02d}").mkdir(parents=True)
+        for name in range(per_folder):
+            (root / f"f{folder:02d}" / f"{name:03d}.png").touch()
+    return SourceConfig(kind="images", path=str(root))
+
+
+def planning_peak(source, place) -> int:
+    import tracemalloc
+
+    plan_units([source], unit_bytes=1, unit_files=500, listings=place)  # the lazy imports, before measuring
+    tracemalloc.start()
+    plan_units([source], unit_bytes=1, unit_files=500, listings=place)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_an_image_folders_units_hold_no_rows_their_listing_is_a_file_beside_the_table(tmp_path):
+    import hashlib
+    import pickle
+
+    from pipelines.image_listing import ListingPlace
+
+    source = image_folder(tmp_path / "photos", folders=16)
+    place = ListingPlace(str(tmp_path / "db"), "vectors")
+    units = plan_units([source], unit_bytes=1, unit_files=500, listings=place)
+    assert [u.rows for u in units] == [500] * 16 and units[0].listing == place.path(0)
+    assert (tmp_path / "db" / "_listings" / "vectors-0.parquet").exists()
+    assert len(pickle.dumps(units)) < 300 * len(units)  # no unit carries its rows
+    ids = [r["id"] for r in lines_of(units, source)]
+    assert ids == [f"f{f:02d}/{n:03d}.png" for f in range(16) for n in range(500)]
+    first = ids[:500]  # the key's digest is the chunk's ids as a JSON list, as when the driver held the rows
+    assert units[0].key.endswith("|0-500|" + hashlib.sha256(json.dumps(first).encode()).hexdigest()[:16])
+
+
+def test_planning_an_image_folder_takes_the_same_memory_for_four_times_the_images(tmp_path):
+    from pipelines.image_listing import ListingPlace
+
+    small = planning_peak(image_folder(tmp_path / "small", 4), ListingPlace(str(tmp_path / "a"), "v"))
+    big = planning_peak(image_folder(tmp_path / "big", 16), ListingPlace(str(tmp_path / "b"), "v"))
+    assert big < 1.3 * small, f"2,000 images: {small / 2**20:.2f} MiB, 8,000: {big / 2**20:.2f} MiB"
+
+
+def test_an_image_folder_on_object_storage_is_walked_folder_by_folder_and_listed_beside_the_table(s3_server):  # noqa: F811
+    from pipelines.image_listing import ListingPlace
+
+    for key in ["b.png", "a.PNG", "sub/c.png", "sub/deeper/d.png", "z/e.png", "notes.txt", "sub/x.json"]:
+        s3_server.put(f"photos/{key}", b"not decoded when planning")
+    options = s3_server.storage_options
+    source = SourceConfig(kind="images", path=s3_server.uri("photos"), storage_options=options)
+    place = ListingPlace(s3_server.uri("db"), "vectors", tuple(sorted(options.items())))
+    units = plan_units([source], unit_bytes=1, unit_files=2, listings=place)
+    assert s3_server.keys("db/") == ["db/_listings/vectors-0.parquet"]
+    rows = lines_of(units, source)
+    assert [r["id"] for r in rows] == ["a.PNG", "b.png", "sub/c.png", "sub/deeper/d.png", "z/e.png"]
+    assert [u.rows for u in units] == [2, 2, 1] and rows[2]["image_uri"] == s3_server.uri("photos/sub/c.png")
