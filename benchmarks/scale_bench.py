@@ -266,19 +266,15 @@ def code_location() -> dict[str, Any]:
     }
 
 
-class DriverRss:
-    """This process's RSS, sampled in a thread; its peak in each interval between `mark()`s (a commit)."""
+class Sampler:
+    """`sample()` every `period_s` in a thread, while the `with` block runs."""
 
-    def __init__(self, period_s: float = 0.25):
-        import psutil
-
-        self.process, self.period_s = psutil.Process(), period_s
-        self.start = self.process.memory_info().rss
-        self.peaks = [self.start]
+    def __init__(self, period_s: float):
+        self.period_s = period_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> DriverRss:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -287,8 +283,27 @@ class DriverRss:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.peaks[-1] = max(self.peaks[-1], self.process.memory_info().rss)
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.period_s)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class DriverRss(Sampler):
+    """This process's RSS; its peak in each interval between `mark()`s (a commit)."""
+
+    def __init__(self, period_s: float = 0.25):
+        import psutil
+
+        super().__init__(period_s)
+        self.process = psutil.Process()
+        self.start = self.process.memory_info().rss
+        self.peaks = [self.start]
+
+    def sample(self) -> None:
+        self.peaks[-1] = max(self.peaks[-1], self.process.memory_info().rss)
 
     def mark(self, rows: int = 0) -> None:
         self.peaks.append(self.process.memory_info().rss)
@@ -420,40 +435,29 @@ class LocalCluster:
         return pids
 
 
-class WorkerRss:
-    """The peak RSS of every Ray worker process (`ray::...`) under the cluster's nodes, sampled in a thread."""
+class WorkerRss(Sampler):
+    """The peak RSS of every Ray worker process (`ray::...`) under the cluster's nodes."""
 
     def __init__(self, roots: list[int], period_s: float):
-        self.roots, self.period_s = roots, period_s
+        super().__init__(period_s)
+        self.roots = roots
         self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> WorkerRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
+    def sample(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
-            for root in self.roots:
+        for root in self.roots:
+            try:
+                children = psutil.Process(root).children(recursive=True)
+            except psutil.Error:
+                continue
+            for process in children:
                 try:
-                    children = psutil.Process(root).children(recursive=True)
+                    if process.name().startswith("ray::") or "ray::" in " ".join(process.cmdline()[:1]):
+                        rss = process.memory_info().rss
+                        self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), rss)
                 except psutil.Error:
                     continue
-                for process in children:
-                    try:
-                        if process.name().startswith("ray::") or "ray::" in " ".join(process.cmdline()[:1]):
-                            rss = process.memory_info().rss
-                            self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), rss)
-                    except psutil.Error:
-                        continue
-            self._stop.wait(self.period_s)
 
     @property
     def worst_mib(self) -> float | None:
