@@ -76,7 +76,9 @@ def write_listing(
     path = place.path(source)
     filesystem = place.filesystem()
     location = fs_path(path)
-    if isinstance(filesystem, fs.LocalFileSystem):  # an object store has no folders (pyarrow would add markers)
+    if isinstance(
+        filesystem, fs.LocalFileSystem
+    ):  # an object store has no folders (pyarrow would add markers)
         filesystem.create_dir(location.rsplit("/", 1)[0], recursive=True)
     chunks: list[Chunk] = []
     schema = listing_schema()
