@@ -76,9 +76,8 @@ def write_listing(
     path = place.path(source)
     filesystem = place.filesystem()
     location = fs_path(path)
-    if isinstance(
-        filesystem, fs.LocalFileSystem
-    ):  # an object store has no folders (pyarrow would add markers)
+    # only a local table has folders to make: on an object store pyarrow would write folder-marker objects
+    if isinstance(filesystem, fs.LocalFileSystem):
         filesystem.create_dir(location.rsplit("/", 1)[0], recursive=True)
     chunks: list[Chunk] = []
     schema = listing_schema()
@@ -110,7 +109,7 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
     """The rows of one written row group, as the readers make them (a todo row, or the folder's error row)."""
     import pyarrow.parquet as pq
 
-    from pipelines.readers import _empty, filesystem_for
+    from pipelines.readers import _empty, error_row, filesystem_for
     from pipelines.work_units import _fs_path as fs_path
 
     filesystem = filesystem_for(path, storage_options)
@@ -120,7 +119,8 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
         if row["reason"] is None:
             yield _empty(source, row["id"]) | {"image_uri": row["image_uri"], "status": "todo"}
         else:
-            yield _empty(source, row["id"]) | {"status": "error", "stage": "read", "reason": row["reason"]}
+            kind, _, message = row["reason"].partition(": ")  # as error_row wrote it: "<kind>: <message>"
+            yield error_row(source, row["id"], kind, message)
 
 
 def remove_listings(place: ListingPlace, sources: range | list[int]) -> None:
