@@ -267,7 +267,9 @@ def code_location() -> dict[str, Any]:
 
 
 class Sampler:
-    """`sample()` every `period_s` in a thread, while the `with` block runs."""
+    """`sample()` every `period_s` in a thread, while the `with` block runs. Kept here, not shared with
+    backfill_bench's GpuSampler: this script's pass processes run against older checkouts (`--pythonpath-tree`),
+    whose `benchmarks` package it cannot import from, so it imports nothing of the project's at the top."""
 
     def __init__(self, period_s: float):
         self.period_s = period_s

@@ -71,7 +71,7 @@ def write_listing(
     import pyarrow.parquet as pq
     from pyarrow import fs
 
-    from pipelines.work_units import _fs_path as fs_path
+    from pipelines.work_units import fs_path
 
     path = place.path(source)
     filesystem = place.filesystem()
@@ -110,7 +110,7 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
     import pyarrow.parquet as pq
 
     from pipelines.readers import _empty, error_row, filesystem_for
-    from pipelines.work_units import _fs_path as fs_path
+    from pipelines.work_units import fs_path
 
     filesystem = filesystem_for(path, storage_options)
     with filesystem.open_input_file(fs_path(path)) as handle:
@@ -125,7 +125,7 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
 
 def remove_listings(place: ListingPlace, sources: range | list[int]) -> None:
     """Remove these sources' listing files (missing ones are fine)."""
-    from pipelines.work_units import _fs_path as fs_path
+    from pipelines.work_units import fs_path
 
     filesystem = place.filesystem()
     for source in sources:

@@ -119,7 +119,7 @@ def _table_files(source: SourceConfig, filesystem) -> list[tuple[str, int]]:
     extensions = tuple("." + e for e in TABLE_EXTENSIONS[source.kind])
     found: list[tuple[str, int]] = []
     for path in expand_paths(source):
-        location = _fs_path(path)
+        location = fs_path(path)
         info = filesystem.get_file_info(location)
         if info.type == fs.FileType.NotFound:
             raise FileNotFoundError(f"source {source.label!r}: {path} does not exist")
@@ -150,7 +150,8 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def _fs_path(path: str) -> str:
+def fs_path(path: str) -> str:
+    """The path a pyarrow filesystem takes: a URI without its scheme, a local path made absolute."""
     return path.split("://", 1)[1].rstrip("/") if is_uri(path) else os.path.abspath(path)
 
 
@@ -162,7 +163,7 @@ def _file_units(index, source, filesystem, path: str, size: int, unit_bytes: int
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 
-        with filesystem.open_input_file(_fs_path(path)) as handle:
+        with filesystem.open_input_file(fs_path(path)) as handle:
             metadata = pq.ParquetFile(handle).metadata
         units, first = [], 0
         for group in range(metadata.num_row_groups):
@@ -192,7 +193,7 @@ def _file_units(index, source, filesystem, path: str, size: int, unit_bytes: int
 def _estimate_rows(filesystem, path: str, size: int) -> int:
     if size == 0:
         return 0
-    with filesystem.open_input_file(_fs_path(path)) as handle:
+    with filesystem.open_input_file(fs_path(path)) as handle:
         head = handle.read(HEAD_BYTES)
     lines = max(head.count(b"\n"), 1)
     return max(int(size * lines / max(len(head), 1)), 1)
@@ -265,7 +266,7 @@ def _unit_rows(unit: WorkUnit, source: SourceConfig) -> Iterator[dict[str, Any]]
         yield from read_chunk(unit.listing, unit.group, dict(unit.listing_options) or None, source)
         return
     filesystem = filesystem_for(unit.path, source.storage_options)
-    location = _fs_path(unit.path)
+    location = fs_path(unit.path)
     if unit.kind == "row_group":
         yield from _row_group_rows(unit, source, filesystem, location)
         return
