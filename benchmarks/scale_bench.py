@@ -239,7 +239,7 @@ def pass_config(spec: dict[str, Any]):
     return Config(
         embedder=EmbedderConfig(model="tiny", backend="stand-in", max_pixels=128 * 128),
         sources=sources,
-        table=TableConfig(uri=spec["table_uri"], mode=spec["mode"]),
+        table=TableConfig(uri=spec["table_uri"], mode=spec["mode"], **spec.get("table_options", {})),
         resources=ResourcesConfig(min_actors=1, max_actors=spec["actors"]),
     )
 
@@ -303,11 +303,13 @@ class DriverRss(Sampler):
         self.process = psutil.Process()
         self.start = self.process.memory_info().rss
         self.peaks = [self.start]
+        self.commits: list[float] = []  # time.time() of each commit
 
     def sample(self) -> None:
         self.peaks[-1] = max(self.peaks[-1], self.process.memory_info().rss)
 
     def mark(self, rows: int = 0) -> None:
+        self.commits.append(time.time())
         self.peaks.append(self.process.memory_info().rss)
 
     def phases(self) -> dict[str, float]:
@@ -345,6 +347,7 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         "commits": table_versions(config.table.uri, names) - versions_before,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "driver_rss_mib": rss.phases(),
+        "commit_s": [round(t - started, 1) for t in rss.commits],  # when each group committed
         "stages": stages,
         "code": code,
         "line": summary.line(),
@@ -534,6 +537,11 @@ def run_pass_process(spec: dict[str, Any], cluster: LocalCluster, tree: Path, ar
 # -- the runs ----------------------------------------------------------------------------------------------
 
 
+def table_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TableConfig options given on the command line (none by default: an older design may lack them)."""
+    return {} if args.commit_rows is None else {"commit_rows": args.commit_rows}
+
+
 def run(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     workdir = Path(args.workdir)
     tree = Path(args.pythonpath_tree).resolve() if args.pythonpath_tree else REPO
@@ -549,7 +557,7 @@ def run(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
             cluster_dir = Path(args.cluster_dir)
             port = args.cluster_port or free_port_block()
             with LocalCluster(nodes, cluster_dir, port, trace_dir, log, args.pin_cores) as cluster:
-                base = {"table_uri": str(table_uri), "actors": nodes}
+                base = {"table_uri": str(table_uri), "actors": nodes, "table_options": table_options(args)}
                 passes = [
                     {"pass": "full", "mode": "overwrite", "sources": [["corpus", str(corpus)]]},
                     {
@@ -611,8 +619,10 @@ def format_rows(results: list[dict[str, Any]]) -> str:
             if phases
             else ""
         )
+        commits = r.get("commit_s")
+        when = f"; commits at s: {', '.join(f'{t:.0f}' for t in commits)}" if commits else ""
         lines.append(
-            f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{driver}"
+            f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{driver}{when}"
         )
     return "\n".join(lines)
 
@@ -655,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="node i runs on core i only, the driver on the head's core 0 (cluster/local.sh's "
         "VLM_EMBED_CLUSTER_PIN), so that 2 nodes on a 2-core machine have twice the cores of 1 node",
+    )
+    p.add_argument(
+        "--commit-rows",
+        type=int,
+        help="the table's commit_rows (rows per group of work units, one Ray Data job and commit each); "
+        "default: the design's own",
     )
     p.add_argument("--keep-tables", action="store_true", help="keep the tables after each run")
     p.add_argument("--json", type=Path, help="also write every pass's figures here")

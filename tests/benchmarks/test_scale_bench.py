@@ -67,6 +67,10 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         "--workdir",
         str(tmp_path / "w"),
         "--pin-cores",
+        "--rows-per-file",
+        "100",
+        "--commit-rows",
+        "100",  # three units of 100 rows, each its own group: three commits of rows timed in the full pass
     ]
     argv += ["--cluster-dir", f"/tmp/vsbt{tmp_path.name[-6:]}", "--json", str(out)]
     assert main(argv) == 0
@@ -74,7 +78,10 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
     assert (full["pass"], resume["pass"]) == ("full", "resume")
     assert full["embedded"] + full["errored"] == 300 and full["skipped"] == 0 and full["errored"] == 0
     assert resume["embedded"] == 40 and resume["skipped"] == 300 and resume["vectors_in_table"] == 340
+    assert len(full["commit_s"]) == 3 and len(resume["commit_s"]) == 1
     for result in (full, resume):
+        assert result["commit_s"] == sorted(result["commit_s"]) and 0 < result["commit_s"][0]
+        assert result["commit_s"][-1] <= result["seconds"] + 0.1
         assert result["code"]["driver"] == result["code"]["worker"]  # both ran the tree being measured
         assert result["traced_rows"] == result["embedded"]  # the stand-in embedded each row once
         assert 0 < result["first_row_s"] < result["seconds"]
@@ -86,7 +93,7 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         assert any("EmbedClient" in name for name in result["stages"])
         assert any("prepare_batch" in name for name in result["stages"])
     printed = capsys.readouterr().out
-    assert "driver RSS MiB:" in printed
+    assert "driver RSS MiB:" in printed and "commits at s:" in printed
     header = printed.splitlines()[0]
     assert all(f" {column} |" in header for column in COLUMNS)
     row = next(line for line in printed.splitlines() if line.startswith("| current | 300 | 1 | full |"))
