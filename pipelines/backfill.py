@@ -1,9 +1,9 @@
 """The backfill job: sources -> Ray Data (prepare on CPUs, embed on GPUs) -> LanceDB, resumable, exactly once.
 
 The inputs are split into work units (`pipelines.work_units`); units already recorded in the progress table
-(`pipelines.progress`) are skipped unread, the rest run in groups of about `commit_rows` rows: each group is
-one Ray Data job whose write tasks write Lance fragments (`pipelines.lance_write`), then one commit of their
-metadata. The driver holds O(units) state and no vectors. After the run, `pipelines.table_upkeep` compacts
+(`pipelines.progress`) are skipped unread, the rest run as one Ray Data execution whose write tasks write
+Lance fragments (`pipelines.lance_write`), in groups of about `commit_rows` rows: each group's fragment
+metadata is committed once all its units are back (`pipelines.commit_groups`), while the execution goes on. The driver holds O(units) state and no vectors. After the run, `pipelines.table_upkeep` compacts
 and indexes the table, in a Ray worker process (its memory grows with the table; the driver's does not).
 
     python -m pipelines.backfill --config job.yaml            # or: vlm-embed backfill --config job.yaml
@@ -202,10 +202,14 @@ def run_backfill(
 
 
 def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dimension: int, totals, on_batch):
-    """Each group of units as its own Ray Data job, then its commit; the embedding workers (`EmbedPool`) start
-    once, loading the model while the first group is read and prepared, and serve every group. Adds to
+    """The groups' units as one Ray Data execution; each group commits as soon as all its units are back
+    (`commit_groups`), while later groups are still read, prepared and embedded. The embedding workers
+    (`EmbedPool`) start first and load the model while the first units are read and prepared. Adds to
     `totals`; returns the number of commits."""
+    import ray
+
     from pipelines import lance_write
+    from pipelines.commit_groups import GroupTracker, start_ledger
     from pipelines.embed_pool import EmbedPool
     from pipelines.stages import build_pipeline
     from pipelines.work_units import units_dataset
@@ -219,32 +223,54 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         num_gpus,
         resources.num_cpus_per_actor,
     )
-    claims = lance_write.start_claims(CLAIM_PARTITIONS)
     start_versions = (tables[0].version, tables[1].version)
+    claims = lance_write.start_claims(CLAIM_PARTITIONS, start_versions)
+    ledger = start_ledger()
+    tracker = GroupTracker(groups)
+    target = _target(config.table, kept, claims, start_versions)
     commits = 0
+
+    def commit(group) -> int:
+        done = lance_write.commit_wave(target, tables, group.pieces, group.units)
+        versions = (tables[0].version, tables[1].version)  # the commit's (commit_wave checked them out)
+        lance_write.release_claims(claims, list(group.units), versions)
+        for key, value in done.counts.items():
+            totals[key] += value
+        log.info(
+            "committed group %d of %d: %d vectors, %d error rows (%d vectors, %d errors in this run; "
+            "%d more group(s) under way)",
+            group.index + 1,
+            len(groups),
+            done.counts["embedded"],
+            done.counts["errored"],
+            totals["embedded"],
+            totals["errored"],
+            tracker.in_flight(),
+        )
+        if on_batch is not None:
+            on_batch(done.counts["read"])
+        return done.commits
+
     try:
-        for group in groups:
-            target = _target(config.table, tables, kept, claims, start_versions)
-            pipeline = build_pipeline(
-                units_dataset(group, config.sources), config, target, num_gpus, pool=pool
-            )
-            sink = lance_write.datasink(target, tables[0].to_lance().schema)
-            pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
-            done = lance_write.commit_wave(target, tables, sink.returns, {str(n): u.key for n, u in group})
-            lance_write.reset_claims(claims)
-            for key, value in done.counts.items():
-                totals[key] += value
-            commits += done.commits
-            if done.counts["errored"]:
-                log.info(
-                    "committed %d error rows (%d in this run)", done.counts["errored"], totals["errored"]
-                )
-            if done.counts["embedded"]:
-                log.info("committed %d vectors (%d in this run)", done.counts["embedded"], totals["embedded"])
-            if on_batch is not None:
-                on_batch(done.counts["read"])
+        todo = [pair for group in groups for pair in group]
+        pipeline = build_pipeline(
+            units_dataset(todo, config.sources, ledger), config, target, num_gpus, pool=pool
+        )
+        written = lance_write.write_stage(pipeline, target, tables[0].to_lance().schema, WRITE_CPUS)
+        for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pieces = lance_write.write_results(batch)
+            for piece in pieces:
+                tracker.add(piece)
+            if any(p["unit"] not in tracker.rows for p in pieces):  # about once per unit
+                tracker.read(ray.get(ledger.take.remote()))
+            for group in tracker.ready():
+                commits += commit(group)
+        tracker.read(ray.get(ledger.take.remote()))
+        for group in tracker.ready():  # groups of units without rows only
+            commits += commit(group)
+        tracker.check_finished()
     finally:
-        lance_write.stop_claims(claims)
+        lance_write.stop_claims((*claims, ledger))
         loads = pool.stop()
     log.info(
         "%d embedding worker(s) loaded the model %s time(s) for %d group(s)",
@@ -255,7 +281,7 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
     return commits
 
 
-CLAIM_PARTITIONS = 2  # IdClaims actors per run, each holding the ids of one group hashed to it
+CLAIM_PARTITIONS = 2  # IdClaims actors per run, each holding the ids hashed to it of the groups in flight
 WRITE_CPUS = 0.5  # a write task mostly waits on storage
 
 
@@ -297,16 +323,13 @@ def _open(db, name: str):
         return None
 
 
-def _target(table: TableConfig, tables, kept: dict[str, str], claims: tuple, start: tuple):
+def _target(table: TableConfig, kept: dict[str, str], claims: tuple, start: tuple):
     from pipelines.lance_write import Target, dataset_uri
 
-    vectors, errors, _ = tables
     return Target(
         vectors_uri=dataset_uri(table.uri, table.name),
         errors_uri=dataset_uri(table.uri, table.errors_name),
         storage_options=tuple(sorted(table.storage_options.items())),
-        vectors_version=vectors.version,
-        errors_version=errors.version,
         retry_errors=table.retry_errors,
         start_versions=start,
         kept_types=tuple(kept.items()),

@@ -1,15 +1,16 @@
-"""Embedding workers that live for the whole backfill run, shared by all its groups of work units.
+"""Embedding workers that live for the whole backfill run, started before its Ray Data execution.
 
-A backfill commits by group of units, and each group is its own Ray Data job (`pipelines.backfill`). A Ray
-Data actor pool (`map_batches(EmbedActor, compute=ActorPoolStrategy(...))`) lives only as long as its job, so
-every group started its actors again and loaded (and on a GPU, compiled) the model again: on an H200 about
-20 s per group, a large part of a whole run. Ray Data cannot keep an actor pool across datasets, so this pool
-is ours, made of plain Ray actors:
+Built when each group of units was its own Ray Data job (a Ray Data actor pool lives only as long as its
+job, so every group loaded, and on a GPU compiled, the model again: ~20 s per group on an H200). A run is now
+one execution (`pipelines.backfill`), and the pool stays for what Ray Data's own pool does not do: the model
+loads as the run starts, overlapping the first units' reading and preparing (not when the first batch
+reaches an actor), and only a worker whose model has loaded takes batches, so one Ray cannot place yet (no
+free GPU until the cluster grows) holds none back. It is made of plain Ray actors:
 
 - `EmbedWorker` (the model; on a GPU when the run has them): started once per run, loading its model at once,
-  so the load overlaps with the first group's reading and preparing. Ray restarts one that dies
+  so the load overlaps with the first units' reading and preparing. Ray restarts one that dies
   (`max_restarts`) and retries its call (`max_task_retries`), as Ray Data does for its own actors.
-- `EmbedClient`: each group's Ray Data stage, a light CPU actor pool of the same size that hands its batches to
+- `EmbedClient`: the run's Ray Data embed stage, a light CPU actor pool of the same size that hands its batches to
   one loaded worker each (a slot taken from a counter, so the workers share the batches evenly) and passes the
   worker's rows on. Ray Data's backpressure and accounting see this stage as the embed stage.
 
@@ -90,7 +91,7 @@ class EmbedClient:
 
 @dataclass
 class EmbedPool:
-    """The run's workers, and what each group's Ray Data stage needs to use them."""
+    """The run's workers, and what the run's Ray Data stage needs to use them."""
 
     workers: tuple
     slots: Any

@@ -1,7 +1,8 @@
 """The Ray Data stages of a backfill, between the readers and the sink.
 
-1. `mark_done` (CPU, fused into the read tasks): each row claims its id for this group of work units (a repeat
-   becomes `repeat`) and is looked up by id in the vectors and errors tables as committed (found: `done`), so
+1. `mark_done` (CPU, fused into the read tasks): each row claims its id among the groups of work units in
+   flight (a repeat becomes `repeat`) and is looked up by id in the vectors and errors tables as committed
+   (found: `done`, or `repeat` where this run committed it), so
    nothing is prepared, embedded or written twice (`pipelines.lance_write`).
 2. `prepare_batch` (CPU, Ray Data tasks): `Preparer.prepare` on every `todo` row: image read and decode, EXIF
    orientation, RGB, resize, prompt template, tokenization, positions. Only the tokenizer and the image
@@ -13,7 +14,7 @@
    so one bad item never loses the rest of its batch.
 
 Every stage returns exactly one row per input row (checked), with the status `todo`/`done`/`repeat`/`error`/
-`ok`, so the writer (`lance_write.BackfillDatasink`) can account for every input row. Blocks are Arrow tables
+`ok`, so the writer (`lance_write.write_stage`) can account for every input row. Blocks are Arrow tables
 with fixed schemas end to end (`pipelines.prepared_arrow`: the schemas, and the prepared items as columns).
 """
 
@@ -47,9 +48,10 @@ def _check_count(batch, out) -> Any:
 
 
 def mark_done(batch, target):
-    """Rows whose id another row of this group claimed first become `repeat`, rows whose id the tables hold
-    (`target`: `lance_write.Target`) become `done`; both drop their inline image bytes. With `retry_errors`,
-    a row found only in the errors table is done again."""
+    """Rows whose id another row of the groups in flight claimed first become `repeat`, rows whose id the
+    tables hold (`target`: `lance_write.Target`) become `done` (held when the run started) or `repeat` (an
+    earlier group of this run committed it); both drop their inline image bytes. With `retry_errors`, a row
+    found only in the errors table is done again."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -58,15 +60,15 @@ def mark_done(batch, target):
     if batch.num_rows == 0:
         return batch
     ids = batch["id"].to_pylist()
-    granted = claim(target, ids, batch["origin"].to_pylist())
+    granted, (vectors, errors) = claim(target, ids, batch["origin"].to_pylist())
     wanted = [i for i, ok in zip(ids, granted, strict=True) if ok]
-    found = committed_ids(target, "vectors", wanted)
+    found = committed_ids(target, "vectors", wanted, vectors)
     if not target.retry_errors:
-        found |= committed_ids(target, "errors", [i for i in wanted if i not in found])
+        found |= committed_ids(target, "errors", [i for i in wanted if i not in found], errors)
     # found, but committed by an earlier group of this run: a repeat of a row this run wrote
-    before = committed_ids(target, "vectors", sorted(found), at_start=True)
+    before = committed_ids(target, "vectors", sorted(found))
     if not target.retry_errors:
-        before |= committed_ids(target, "errors", sorted(found - before), at_start=True)
+        before |= committed_ids(target, "errors", sorted(found - before))
     status = [
         "repeat" if not ok or (i in found and i not in before) else ("done" if i in found else s)
         for i, s, ok in zip(ids, batch["status"].to_pylist(), granted, strict=True)
@@ -236,7 +238,7 @@ def prepare_memory(config: Config) -> int:
 
 
 def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int | None = None, pool=None):
-    """The rows of one group of work units (`work_units.units_dataset`) -> mark done (fused into the reads) ->
+    """The rows of a run's work units (`work_units.units_dataset`) -> mark done (fused into the reads) ->
     prepare (CPU tasks) -> embed (actor pool), one lazy Dataset; `target`: `lance_write.Target`.
 
     The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it

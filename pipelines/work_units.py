@@ -323,8 +323,9 @@ def _row_group_rows(unit: WorkUnit, source: SourceConfig, filesystem, location: 
 # -- Ray Data ------------------------------------------------------------------------------------------------
 
 
-def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]):
-    """A Ray Dataset with one read task per (number, unit)."""
+def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig], ledger=None):
+    """A Ray Dataset with one read task per (number, unit). `ledger` (a `commit_groups.UnitLedger` actor):
+    each read task tells it how many rows its unit has, before it hands the rows on."""
     import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -339,7 +340,7 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             return [
                 ReadTask(
-                    functools.partial(_read_task, unit, number, sources[unit.source], kept),
+                    functools.partial(_read_task, unit, number, sources[unit.source], kept, ledger),
                     BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[unit.path]),
                     schema=schema,
                 )
@@ -349,5 +350,12 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
     return ray.data.read_datasource(UnitsDatasource(), override_num_blocks=max(len(units), 1))
 
 
-def _read_task(unit: WorkUnit, number: int, source: SourceConfig, kept: dict[str, str]):
-    return list(read_unit(unit, number, source, kept))
+def _read_task(unit: WorkUnit, number: int, source: SourceConfig, kept: dict[str, str], ledger=None):
+    blocks = list(read_unit(unit, number, source, kept))
+    if (
+        ledger is not None
+    ):  # before the rows go on: the driver knows a unit's size before its last row returns
+        import ray
+
+        ray.get(ledger.read.remote(str(number), sum(b.num_rows for b in blocks)))
+    return blocks

@@ -1,12 +1,14 @@
 """The stages: done and repeated rows are marked, prepare runs without weights, the actor embeds and bisects
 failures."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig
-from pipelines.lance_write import Target, dataset_uri, reset_claims, start_claims, stop_claims
+from pipelines.lance_write import Target, dataset_uri, release_claims, start_claims, stop_claims
 from pipelines.prepare import PreparedItem
 from pipelines.prepared_arrow import prepared_schema
 from pipelines.readers import row_schema
@@ -80,8 +82,6 @@ def committed_tables(root, vectors: list[str], errors: list[str], claims=(), ret
         vectors_uri=dataset_uri(str(root), "vectors"),
         errors_uri=dataset_uri(str(root), "errors"),
         storage_options=(),
-        vectors_version=made["vectors"],
-        errors_version=made["errors"],
         retry_errors=retry_errors,
         start_versions=(made["vectors"], made["errors"]),
         claims=claims,
@@ -113,8 +113,9 @@ def test_with_retry_errors_a_row_only_in_the_errors_table_is_done_again(inputs, 
 def test_a_repeated_id_is_marked_once_it_was_claimed_and_a_retried_task_claims_its_own_rows(
     tmp_path, ray_session
 ):
-    claims = start_claims(2)
-    target = committed_tables(tmp_path, [], [], claims=claims)
+    target = committed_tables(tmp_path, [], [])
+    claims = start_claims(2, target.start_versions)
+    target = dataclasses.replace(target, claims=claims)
     first = rows({"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "x"})
     assert mark_done(first, target)["status"].to_pylist() == ["todo", "todo", "repeat"]
     assert mark_done(first, target)["status"].to_pylist() == [
@@ -124,8 +125,33 @@ def test_a_repeated_id_is_marked_once_it_was_claimed_and_a_retried_task_claims_i
     ]  # a retry: same origins
     later = pa.Table.from_pylist([{**first.to_pylist()[1], "origin": "1:0"}], schema=row_schema())
     assert mark_done(later, target)["status"].to_pylist() == ["repeat"]
-    reset_claims(claims)
-    assert mark_done(later, target)["status"].to_pylist() == ["todo"]  # a new group starts empty
+    assert release_claims(claims, ["1"], target.start_versions) == 0  # unit 1 holds no claim of its own
+    assert mark_done(later, target)["status"].to_pylist() == ["repeat"]  # unit 0 is in flight: still held
+    stop_claims(claims)
+
+
+def test_a_committed_units_ids_are_let_go_and_then_found_at_the_versions_its_commit_made(
+    tmp_path, ray_session
+):
+    """The claim of a repeat of a committed group's id is granted only after the release, which names the
+    commit's versions: the look-up there finds the id (a repeat of this run), so it is never written twice."""
+    import lancedb
+
+    target = committed_tables(tmp_path, [], [])
+    claims = start_claims(2, target.start_versions)
+    target = dataclasses.replace(target, claims=claims)
+    first = rows({"id": "a", "text": "x"}, {"id": "b", "text": "y"})
+    assert mark_done(first, target)["status"].to_pylist() == ["todo", "todo"]
+    vectors = lancedb.connect(str(tmp_path)).open_table("vectors")
+    vectors.add(pa.table({"id": pa.array(["a", "b"])}))  # unit 0's commit
+    later = pa.Table.from_pylist(
+        [{**row, "origin": f"7:{i}"} for i, row in enumerate(first.to_pylist())], schema=row_schema()
+    )
+    assert mark_done(later, target)["status"].to_pylist() == ["repeat", "repeat"]  # refused: still held
+    assert release_claims(claims, ["0"], (vectors.version, target.start_versions[1])) == 2
+    assert mark_done(later, target)["status"].to_pylist() == ["repeat", "repeat"]  # granted, found there
+    stale = release_claims(claims, ["0"], target.start_versions)  # an older version never wins
+    assert stale == 0 and mark_done(later, target)["status"].to_pylist() == ["repeat", "repeat"]
     stop_claims(claims)
 
 
