@@ -80,7 +80,7 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
     assert resume["embedded"] == 40 and resume["skipped"] == 300 and resume["vectors_in_table"] == 340
     assert len(full["commit_s"]) == 3 and len(resume["commit_s"]) == 1
     for result in (full, resume):
-        assert result["commit_s"] == sorted(result["commit_s"]) and 0 < result["commit_s"][0]
+        assert result["commit_s"] == sorted(result["commit_s"]) and result["commit_s"][0] > 0
         assert result["commit_s"][-1] <= result["seconds"] + 0.1
         assert result["code"]["driver"] == result["code"]["worker"]  # both ran the tree being measured
         assert result["traced_rows"] == result["embedded"]  # the stand-in embedded each row once

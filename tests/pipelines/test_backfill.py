@@ -140,7 +140,8 @@ def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_i
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.startswith("backfill: read 24 = embedded 24 + skipped 0")
     ours = re.compile(
-        r"(committed \d+ (vectors|error rows) \(\d+ in this run\)"
+        r"(committed group \d+ of \d+: \d+ vectors, \d+ error rows \(\d+ vectors, \d+ errors in this run; "
+        r"\d+ more group\(s\) under way\)"
         r"|\d+ embedding worker\(s\) loaded the model \d+ time\(s\) for \d+ group\(s\))$"
     )
     assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []
