@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -214,6 +215,11 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
     from pipelines.stages import build_pipeline
     from pipelines.work_units import units_dataset
 
+    # the reads' and writes' task caps are ours on purpose: a run of fewer units than the cap is no mistake
+    # (Ray Data warns from its executor's thread, so the filter is global; it matches this warning only)
+    warnings.filterwarnings(
+        "ignore", message="The maximum number of concurrent tasks for", category=UserWarning
+    )
     resources = config.resources
     num_gpus = resolve_num_gpus(resources.num_gpus_per_actor)
     pool = EmbedPool.start(
@@ -225,8 +231,9 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
     )
     start_versions = (tables[0].version, tables[1].version)
     claims = lance_write.start_claims(CLAIM_PARTITIONS, start_versions)
-    ledger = start_ledger()
     tracker = GroupTracker(groups)
+    slack = resources.prepare_batch_rows + resources.batch_rows  # rows the stages' batches may hold back
+    ledger = start_ledger(tracker.group_of, WINDOW_GROUPS, slack)
     target = _target(config.table, kept, claims, start_versions)
     commits = 0
 
@@ -234,6 +241,7 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         done = lance_write.commit_wave(target, tables, group.pieces, group.units)
         versions = (tables[0].version, tables[1].version)  # the commit's (commit_wave checked them out)
         lance_write.release_claims(claims, list(group.units), versions)
+        ledger.commit.remote(group.index)
         for key, value in done.counts.items():
             totals[key] += value
         log.info(
@@ -256,11 +264,14 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         pipeline = build_pipeline(
             units_dataset(todo, config.sources, ledger), config, target, num_gpus, pool=pool
         )
-        written = lance_write.write_stage(pipeline, target, tables[0].to_lance().schema, WRITE_CPUS)
-        for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        written = lance_write.write_stage(pipeline, target, tables[0].to_lance().schema)
+        # prefetch_batches=0: with Ray Data's default of 1 the iterator hands a block on only once the next one
+        # exists, so the last pieces before the window closes would wait for pieces that wait for them
+        for batch in written.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             pieces = lance_write.write_results(batch)
             for piece in pieces:
                 tracker.add(piece)
+            ledger.wrote.remote(sum(p["counts"]["read"] for p in pieces))
             if any(p["unit"] not in tracker.rows for p in pieces):  # about once per unit
                 tracker.read(ray.get(ledger.take.remote()))
             for group in tracker.ready():
@@ -269,6 +280,9 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         for group in tracker.ready():  # groups of units without rows only
             commits += commit(group)
         tracker.check_finished()
+        escapes = ray.get(ledger.escaped.remote())
+        if escapes:
+            log.info("read %d unit(s) ahead of the window, to fill the stages' last batches", escapes)
     finally:
         lance_write.stop_claims((*claims, ledger))
         loads = pool.stop()
@@ -281,8 +295,8 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
     return commits
 
 
+WINDOW_GROUPS = 3  # groups read ahead of the oldest uncommitted one (`commit_groups.UnitLedger`)
 CLAIM_PARTITIONS = 2  # IdClaims actors per run, each holding the ids hashed to it of the groups in flight
-WRITE_CPUS = 0.5  # a write task mostly waits on storage
 
 
 def open_tables(table: TableConfig, embedder: EmbedderConfig, dimension: int, kept: dict[str, str]):

@@ -20,17 +20,81 @@ from typing import Any
 
 
 class UnitLedger:
-    """Rows per unit, as the read tasks found them (a Ray actor); the driver takes what is new."""
+    """Rows per unit as the read tasks found them, and which units may be read yet (a Ray actor).
 
-    def __init__(self):
+    The read-ahead window: a unit of a group more than `window` groups past the oldest uncommitted one waits
+    in `admit` before it is read, so what is in flight (rows in the object store, ids in the claim actors)
+    is a few groups, whatever the corpus. Without it Ray Data reads a small corpus far ahead of the slower
+    stages and interleaves every group's units, so on one node no group completes until the end.
+
+    A window alone can deadlock: a stage with a batch size (`prepare_batch_rows`, `batch_rows`) holds its
+    last rows until a full batch arrives, and those rows would wait for a commit that waits for them. So
+    when every admitted unit has been read and fewer than `slack` rows (the stages' batch sizes together)
+    are on their way to the writers, the lowest-numbered waiting unit goes ahead of the window (an escape,
+    counted). Units are numbered as in the run (`str(number)`); `group_of` maps each to its group's index.
+    """
+
+    def __init__(self, group_of: dict[str, int] | None = None, window: int = 0, slack: int = 0):
+        import asyncio
+
+        self.group_of = group_of or {}
+        self.window, self.slack = window, slack
+        self.open = sorted(set(self.group_of.values()))  # uncommitted groups, ascending
         self.new: dict[str, int] = {}
+        self.rows: dict[str, int] = {}  # unit -> rows its read found
+        self.admitted: set[str] = set()
+        self.waiting: set[str] = set()
+        self.written = 0  # rows the writers returned (as the driver saw them)
+        self.escapes = 0
+        self.changed = asyncio.Condition()
 
-    def read(self, unit: str, rows: int) -> None:
-        self.new[unit] = rows  # a retried read task reads the same unit again: the same count
+    async def admit(self, unit: str) -> bool:
+        """Return once `unit` may be read (at once without a window)."""
+        async with self.changed:
+            self.waiting.add(unit)
+            await self.changed.wait_for(lambda: self._may_read(unit))
+            self.waiting.discard(unit)
+            self.admitted.add(unit)
+            self.changed.notify_all()
+        return True
+
+    def _may_read(self, unit: str) -> bool:
+        if not self.window or unit in self.admitted or unit not in self.group_of:
+            return True  # no window, a read task retried, or a unit the window does not know
+        if not self.open or self.group_of[unit] < self.open[0] + self.window:
+            return True
+        unread = any(u not in self.rows for u in self.admitted)
+        on_their_way = sum(self.rows.values()) - self.written
+        if unread or on_their_way >= self.slack or unit != min(self.waiting, key=int):
+            return False
+        self.escapes += 1
+        return True
+
+    async def read(self, unit: str, rows: int) -> None:
+        async with self.changed:
+            self.rows[unit] = rows  # a retried read task reads the same unit again: the same count
+            self.new[unit] = rows
+            self.changed.notify_all()
+
+    async def wrote(self, rows: int) -> None:
+        """The driver: the writers returned `rows` more rows."""
+        async with self.changed:
+            self.written += rows
+            self.changed.notify_all()
+
+    async def commit(self, group: int) -> None:
+        """The driver: `group` is committed; the window moves on past the oldest uncommitted group."""
+        async with self.changed:
+            if group in self.open:
+                self.open.remove(group)
+            self.changed.notify_all()
 
     def take(self) -> dict[str, int]:
         new, self.new = self.new, {}
         return new
+
+    def escaped(self) -> int:
+        return self.escapes
 
 
 @dataclass
@@ -99,7 +163,8 @@ class GroupTracker:
         )
 
 
-def start_ledger():
+def start_ledger(group_of: dict[str, int] | None = None, window: int = 0, slack: int = 0):
+    """The run's `UnitLedger` actor (async: the read tasks wait in `admit`, holding nothing but a call)."""
     import ray
 
-    return ray.remote(num_cpus=0)(UnitLedger).remote()
+    return ray.remote(num_cpus=0)(UnitLedger).remote(group_of, window, slack)

@@ -219,15 +219,21 @@ def _counts() -> dict[str, int]:
 RESULT = "write_result"  # the write stage's one output column: a pickled piece (`write_blocks`) per row
 
 
-def write_stage(ds, target: Target, schema, num_cpus: float):
+WRITE_TASKS = 4  # write tasks at once; they ask Ray Data for no CPU (`stages.build_pipeline` says why)
+
+
+def write_stage(ds, target: Target, schema):
     """`ds` (the embed stage's rows) written: a row per piece (`write_blocks`: a task's rows of one unit), for
     `write_results`; `schema`: the vectors table's Arrow schema."""
+    import ray
+
     return ds.map_batches(
         _write_batch,
         batch_format="pyarrow",
         batch_size=None,  # a task per embedded block, as a Datasink's write tasks have
         fn_kwargs={"target": target, "schema": schema},
-        num_cpus=num_cpus,
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS),
     )
 
 

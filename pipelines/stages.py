@@ -246,6 +246,13 @@ def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int |
     operator: a large file is prepared by many tasks, and the actors never decode while their GPU waits.
     With `dimension` given, the actors load their model only once rows reach them that need it. With `pool`
     (`embed_pool.EmbedPool`, the backfill's), the embed stage hands its batches to the run's long-lived workers.
+
+    Only the prepare stage asks Ray Data for CPUs (the reads with mark_done, the embed clients and the
+    writes ask for none, with a cap on their tasks): Ray Data's allocator reserves an operator's minimum
+    CPUs upstream first and leaves a downstream one that does not fit with nothing until the upstream ones
+    finish. With 1-CPU reads and a 0.5-CPU write stage on a 2-CPU node, the writes waited for the last
+    prepare task, so no group could commit before the end of the run (and, under the read-ahead window
+    that waits for commits, the run hung).
     """
     import ray
 
@@ -253,7 +260,11 @@ def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int |
     embedder_json = config.embedder.model_dump_json()
     storage = {s.label: s.storage_options for s in config.sources if s.storage_options}
     ds = ds.map_batches(
-        mark_done, batch_format="pyarrow", fn_kwargs={"target": target}, udf_modifying_row_count=False
+        mark_done,
+        batch_format="pyarrow",
+        fn_kwargs={"target": target},
+        udf_modifying_row_count=False,
+        num_cpus=0,  # as the read's: fused into it (see above)
     )
     ds = ds.map_batches(
         prepare_batch,

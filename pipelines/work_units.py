@@ -325,7 +325,10 @@ def _row_group_rows(unit: WorkUnit, source: SourceConfig, filesystem, location: 
 
 def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig], ledger=None):
     """A Ray Dataset with one read task per (number, unit). `ledger` (a `commit_groups.UnitLedger` actor):
-    each read task tells it how many rows its unit has, before it hands the rows on."""
+    each read task waits for its admission (the read-ahead window), then tells it how many rows its unit
+    has, before it hands the rows on. A waiting read task holds no CPU, and at most `READ_TASKS` run at
+    once; Ray Data launches them in the units' order, so the window's units are never held back by later
+    ones."""
     import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -347,15 +350,22 @@ def units_dataset(units: list[tuple[int, WorkUnit]], sources: list[SourceConfig]
                 for number, unit in units
             ]
 
-    return ray.data.read_datasource(UnitsDatasource(), override_num_blocks=max(len(units), 1))
+    return ray.data.read_datasource(
+        UnitsDatasource(), override_num_blocks=max(len(units), 1), num_cpus=0, concurrency=READ_TASKS
+    )
+
+
+READ_TASKS = 4  # read tasks at once (each reads one unit, or waits for the window), holding no CPU: see
+# `stages.build_pipeline` on Ray Data's CPU reservations
 
 
 def _read_task(unit: WorkUnit, number: int, source: SourceConfig, kept: dict[str, str], ledger=None):
-    blocks = list(read_unit(unit, number, source, kept))
-    if (
-        ledger is not None
-    ):  # before the rows go on: the driver knows a unit's size before its last row returns
-        import ray
+    if ledger is None:
+        return list(read_unit(unit, number, source, kept))
+    import ray
 
-        ray.get(ledger.read.remote(str(number), sum(b.num_rows for b in blocks)))
+    ray.get(ledger.admit.remote(str(number)))
+    blocks = list(read_unit(unit, number, source, kept))
+    # before the rows go on: the driver knows a unit's size before its last row returns
+    ray.get(ledger.read.remote(str(number), sum(b.num_rows for b in blocks)))
     return blocks

@@ -142,6 +142,7 @@ def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_i
     ours = re.compile(
         r"(committed group \d+ of \d+: \d+ vectors, \d+ error rows \(\d+ vectors, \d+ errors in this run; "
         r"\d+ more group\(s\) under way\)"
+        r"|read \d+ unit\(s\) ahead of the window, to fill the stages' last batches"
         r"|\d+ embedding worker\(s\) loaded the model \d+ time\(s\) for \d+ group\(s\))$"
     )
     assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []

@@ -1,15 +1,15 @@
 """One Ray Data execution per run: groups of units commit while later ones are still being written, and an id
 repeated across groups, in flight together or one already committed, is written once."""
 
-import contextlib
 import json
 import logging
 import re
 
-from pipelines.backfill import run_backfill
+from pipelines.backfill import WINDOW_GROUPS, run_backfill
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.table import connect
 
+AHEAD = re.compile(r"read (\d+) unit\(s\) ahead of the window")
 COMMIT = re.compile(r"committed group (\d+) of (\d+): .*; (\d+) more group\(s\) under way\)")
 
 
@@ -27,23 +27,6 @@ def corpus() -> tuple[list[dict], int]:
     return mixed + far, len(mixed) - len(rows) + len(far)
 
 
-@contextlib.contextmanager
-def paced_reads():
-    """Ray Data's object store budget made tiny, so a unit is read only as the stages below it take rows: the
-    later units are read, and claim their ids, after the earlier groups have committed (with the default
-    budget all ~10 units of this small corpus are read before the first commit, and the repeats would only
-    meet claims held, never a released one)."""
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    saved = context.execution_options.resource_limits
-    context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=2**16)
-    try:
-        yield
-    finally:
-        context.execution_options.resource_limits = saved
-
-
 def test_groups_commit_while_later_ones_are_written_and_repeats_across_them_are_written_once(
     tmp_path, tiny_model_dir, ray_session, caplog
 ):
@@ -56,12 +39,18 @@ def test_groups_commit_while_later_ones_are_written_and_repeats_across_them_are_
         table=TableConfig(uri=str(tmp_path / "db"), commit_rows=50, unit_bytes=4096),  # a group per unit
         resources=ResourcesConfig(batch_rows=32, prepare_batch_rows=32),
     )
-    with paced_reads(), caplog.at_level(logging.INFO, logger="pipelines.backfill"):
+    with caplog.at_level(logging.INFO, logger="pipelines.backfill"):
         summary = run_backfill(config)
-    commits = [tuple(map(int, m.groups())) for r in caplog.records if (m := COMMIT.search(r.getMessage()))]
+    messages = [r.getMessage() for r in caplog.records]
+    commits = [tuple(map(int, m.groups())) for message in messages if (m := COMMIT.search(message))]
+    escapes = sum(int(m.group(1)) for message in messages if (m := AHEAD.search(message)))
     assert len(commits) == commits[0][1] >= 8, commits  # each group committed once
     assert sorted(c[0] for c in commits) == list(range(1, len(commits) + 1))
     assert max(c[2] for c in commits) >= 1, f"no group was committed while another was under way: {commits}"
+    # the read-ahead window: the later units are read (and claim their ids) after the earlier groups commit,
+    # so the repeats at the end meet released claims; without it all ~10 units are read before any commit
+    under_way = max(c[2] for c in commits)
+    assert under_way <= WINDOW_GROUPS + escapes, f"{under_way} groups under way at once, {escapes} escapes"
     assert summary.adds_up and summary.read == len(rows)
     assert (summary.duplicates, summary.embedded) == (repeats, 400)
     ids = connect(config.table).open_table("vectors").to_arrow()["id"].to_pylist()

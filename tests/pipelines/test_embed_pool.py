@@ -35,7 +35,9 @@ def test_a_run_of_three_groups_loads_the_model_once(tmp_path, tiny_model_dir, ra
     )
     assert (workers, loads) == (1, 1) and groups >= 3
     assert connect(config.table).open_table("vectors").count_rows() == 30
-    assert run_actors_gone(within_s=30), "the run left its actors (embedding workers, id claims, unit ledger) alive"
+    assert run_actors_gone(within_s=30), (
+        "the run left its actors (embedding workers, id claims, unit ledger) alive"
+    )
 
 
 def run_actors_gone(within_s: float) -> bool:
