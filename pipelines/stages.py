@@ -238,7 +238,7 @@ def prepare_memory(config: Config) -> int:
 
 
 def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int | None = None, pool=None):
-    """The rows of a run's work units (`work_units.units_dataset`) -> mark done (fused into the reads) ->
+    """The rows of a run's work units (`work_units.units_dataset`) -> mark done (claims, look-ups) ->
     prepare (CPU tasks) -> embed (actor pool), one lazy Dataset; `target`: `lance_write.Target`.
 
     The prepare tasks declare the memory they may need, so Ray does not pack more decoders on a node than it
@@ -264,7 +264,7 @@ def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int |
         batch_format="pyarrow",
         fn_kwargs={"target": target},
         udf_modifying_row_count=False,
-        num_cpus=0,  # as the read's: fused into it (see above)
+        num_cpus=0,  # as the reads' (the docstring says why)
     )
     ds = ds.map_batches(
         prepare_batch,
