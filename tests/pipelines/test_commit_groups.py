@@ -66,7 +66,8 @@ def test_rows_accounted_for_twice_or_a_piece_of_a_committed_group_fail_the_run()
 
 
 def in_a_loop(scenario):
-    """Run `scenario(ledger_of, settle)` in an event loop, as the ledger actor's calls run."""
+    """Run `scenario(start, settle)` in an event loop, as the ledger actor's calls run: `start` makes a call a
+    task, `settle` lets the waiting calls look again."""
     import asyncio
 
     async def settle():
