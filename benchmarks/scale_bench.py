@@ -20,7 +20,9 @@ trace), and below it each Ray Data operator's busy time: the sum of its tasks' w
 taken by an execution callback in the driver), and `driver sink`: the time the driver spent in
 `pipelines.sink.BackfillSink.write`/`close`, where the design writes every row from the driver (the old one);
 then the driver's RSS at the run's start, its peak up to the last commit and its peak after it (the upkeep),
-sampled every 0.25 s.
+sampled every 0.25 s, and the peak of each kind of resident memory (`rss_parts`: its own heap, mapped files,
+and the pages of Ray's shared object store it has touched, which RSS and `getrusage` count too), and the
+read tasks' seconds of waiting for the read-ahead window, taken out of the read stage's busy time.
 
 The corpus is generated deterministically into `--workdir` and cached there (Parquet files of
 `--rows-per-file` rows: ids `r000000000`..., short texts of 4 to 24 words from the bundled sample texts'
@@ -293,8 +295,22 @@ class Sampler:
         raise NotImplementedError
 
 
+def rss_parts() -> dict[str, int]:
+    """This process's resident memory by kind (Linux `/proc/self/status`, bytes): `anon` (its own heap),
+    `file` (mapped files: libraries), `shmem` (shared memory it has touched: Ray's object store, which
+    Ray maps into every process that reads an object from it). RSS is their sum."""
+    parts = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key[3:].lower()] = int(value.split()[0]) * 1024
+    return parts
+
+
 class DriverRss(Sampler):
-    """This process's RSS; its peak in each interval between `mark()`s (a commit)."""
+    """This process's RSS; its peak in each interval between `mark()`s (a commit), and the peak of each kind
+    of resident memory (`rss_parts`) over the run."""
 
     def __init__(self, period_s: float = 0.25):
         import psutil
@@ -304,9 +320,12 @@ class DriverRss(Sampler):
         self.start = self.process.memory_info().rss
         self.peaks = [self.start]
         self.commits: list[float] = []  # time.time() of each commit
+        self.part_peaks: dict[str, int] = {}
 
     def sample(self) -> None:
         self.peaks[-1] = max(self.peaks[-1], self.process.memory_info().rss)
+        for kind, size in rss_parts().items():
+            self.part_peaks[kind] = max(self.part_peaks.get(kind, 0), size)
 
     def mark(self, rows: int = 0) -> None:
         self.commits.append(time.time())
@@ -315,7 +334,8 @@ class DriverRss(Sampler):
     def phases(self) -> dict[str, float]:
         """MiB: at the start of the run, the peak up to its last commit, the peak after it (the upkeep)."""
         mib = [p / 2**20 for p in self.peaks]
-        return {"start": self.start / 2**20, "commits": max(mib[:-1] or mib), "after": mib[-1]}
+        parts = {f"peak_{kind}": size / 2**20 for kind, size in self.part_peaks.items()}
+        return {"start": self.start / 2**20, "commits": max(mib[:-1] or mib), "after": mib[-1], **parts}
 
 
 def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
@@ -334,6 +354,9 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
     stages = stage_times(StatsRecorder.summaries if StatsRecorder is not None else [])
     if sink["seconds"]:
         stages["driver sink"] = sink["seconds"]
+    waited = getattr(summary, "window_wait_s", 0.0)  # older checkouts (--pythonpath-tree) have no window
+    for name in [n for n in stages if n.startswith("Read")][:1]:
+        stages[name] = max(stages[name] - waited, 0.0)  # a read task's wall time includes its wait
     return {
         "started": started,
         "seconds": summary.seconds,
@@ -348,6 +371,7 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "driver_rss_mib": rss.phases(),
         "commit_s": [round(t - started, 1) for t in rss.commits],  # when each group committed
+        "window_wait_s": waited,
         "stages": stages,
         "code": code,
         "line": summary.line(),
@@ -606,6 +630,15 @@ def row_cells(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def kinds(phases: dict[str, float]) -> str:
+    peaks = [
+        f"{kind} {phases[f'peak_{kind}']:.0f}"
+        for kind in ("anon", "file", "shmem")
+        if f"peak_{kind}" in phases
+    ]
+    return f" (peaks by kind: {', '.join(peaks)})" if peaks else ""
+
+
 def format_rows(results: list[dict[str, Any]]) -> str:
     """A Markdown table of the passes, each followed by its per-stage busy seconds."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -615,14 +648,21 @@ def format_rows(results: list[dict[str, Any]]) -> str:
         phases = r.get("driver_rss_mib")
         driver = (
             f"; driver RSS MiB: {phases['start']:.0f} at the start, peak {phases['commits']:.0f} up to the "
-            f"last commit, {phases['after']:.0f} after it"
+            f"last commit, {phases['after']:.0f} after it{kinds(phases)}"
             if phases
             else ""
         )
         commits = r.get("commit_s")
         when = f"; commits at s: {', '.join(f'{t:.0f}' for t in commits)}" if commits else ""
+        waited = r.get("window_wait_s")
+        wait = (
+            f"; the read tasks waited {waited:.1f} s for the read-ahead window (not busy time)"
+            if waited
+            else ""
+        )
         lines.append(
-            f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{driver}{when}"
+            f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{wait}{driver}"
+            f"{when}"
         )
     return "\n".join(lines)
 

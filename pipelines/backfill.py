@@ -57,6 +57,7 @@ class BackfillSummary:
     units_skipped: int = 0
     commits: int = 0
     upkeep: str = ""
+    window_wait_s: float = 0.0  # the read tasks' seconds waiting for the read-ahead window, together
 
     @property
     def adds_up(self) -> bool:
@@ -167,10 +168,10 @@ def run_backfill(
             len(units),
             before,
         )
-    commits = 0
+    commits, waited = 0, 0.0
     try:
         if todo:
-            commits = _run_groups(
+            commits, waited = _run_groups(
                 config, waves(todo, config.table.commit_rows), tables, kept, dimension, totals, on_batch
             )
     finally:
@@ -196,6 +197,7 @@ def run_backfill(
         units_skipped=len(units) - len(todo),
         commits=commits,
         upkeep=kept_up.phrase(),
+        window_wait_s=waited,
     )
     if not summary.adds_up:  # the writers count every row they receive; this can only be a bug
         raise RuntimeError(f"the counts do not add up: {summary.line()}")
@@ -206,7 +208,7 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
     """The groups' units as one Ray Data execution; each group commits as soon as all its units are back
     (`commit_groups`), while later groups are still read, prepared and embedded. The embedding workers
     (`EmbedPool`) start first and load the model while the first units are read and prepared. Adds to
-    `totals`; returns the number of commits."""
+    `totals`; returns the number of commits and the read tasks' seconds of waiting for the window."""
     import ray
 
     from pipelines import lance_write
@@ -283,6 +285,14 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         escapes = ray.get(ledger.escaped.remote())
         if escapes:
             log.info("read %d unit(s) ahead of the window, to fill the stages' last batches", escapes)
+        held, waited = ray.get(ledger.held_back.remote())
+        if held:
+            log.info(
+                "%d unit(s) waited %.1f s in all for the read-ahead window (the stages after the reads were "
+                "the slower part)",
+                held,
+                waited,
+            )
     finally:
         lance_write.stop_claims((*claims, ledger))
         loads = pool.stop()
@@ -292,7 +302,7 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
         loads,
         len(groups),
     )
-    return commits
+    return commits, waited
 
 
 WINDOW_GROUPS = 3  # groups read ahead of the oldest uncommitted one (`commit_groups.UnitLedger`)

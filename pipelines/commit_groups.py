@@ -46,13 +46,21 @@ class UnitLedger:
         self.waiting: set[str] = set()
         self.written = 0  # rows the writers returned (as the driver saw them)
         self.escapes = 0
+        self.held = 0  # units that had to wait for the window
+        self.waited = 0.0  # seconds they waited, together
         self.changed = asyncio.Condition()
 
     async def admit(self, unit: str) -> bool:
         """Return once `unit` may be read (at once without a window)."""
+        import time
+
         async with self.changed:
             self.waiting.add(unit)
-            await self.changed.wait_for(lambda: self._may_read(unit))
+            if not self._may_read(unit):
+                since = time.monotonic()
+                self.held += 1
+                await self.changed.wait_for(lambda: self._may_read(unit))
+                self.waited += time.monotonic() - since
             self.waiting.discard(unit)
             self.admitted.add(unit)
             self.changed.notify_all()
@@ -95,6 +103,11 @@ class UnitLedger:
 
     def escaped(self) -> int:
         return self.escapes
+
+    def held_back(self) -> tuple[int, float]:
+        """Units that waited for the window, and their seconds of waiting together (a read task's wall time
+        in Ray Data's stats includes its wait)."""
+        return self.held, self.waited
 
 
 @dataclass

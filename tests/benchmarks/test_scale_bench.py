@@ -89,11 +89,15 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         assert 50 < result["driver_peak_mib"] < 4096 and 50 < result["worker_peak_mib"] < 4096
         phases = result["driver_rss_mib"]
         assert 50 < phases["start"] <= phases["commits"] <= result["driver_peak_mib"] + 1
+        # its own heap, mapped files and the object store's pages it touched: each at most the whole RSS
+        assert 30 < phases["peak_anon"] <= result["driver_peak_mib"] + 1 and phases["peak_file"] > 1
+        assert 0 <= phases["peak_shmem"] <= result["driver_peak_mib"] + 1
+        assert result["window_wait_s"] >= 0 and all(seconds >= 0 for seconds in result["stages"].values())
         assert result["code"]["driver_cores"] == result["code"]["worker_cores"] == [0]  # one node: core 0
         assert any("EmbedClient" in name for name in result["stages"])
         assert any("prepare_batch" in name for name in result["stages"])
     printed = capsys.readouterr().out
-    assert "driver RSS MiB:" in printed and "commits at s:" in printed
+    assert "driver RSS MiB:" in printed and "commits at s:" in printed and "peaks by kind: anon" in printed
     header = printed.splitlines()[0]
     assert all(f" {column} |" in header for column in COLUMNS)
     row = next(line for line in printed.splitlines() if line.startswith("| current | 300 | 1 | full |"))

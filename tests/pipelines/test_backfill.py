@@ -143,6 +143,8 @@ def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_i
         r"(committed group \d+ of \d+: \d+ vectors, \d+ error rows \(\d+ vectors, \d+ errors in this run; "
         r"\d+ more group\(s\) under way\)"
         r"|read \d+ unit\(s\) ahead of the window, to fill the stages' last batches"
+        r"|\d+ unit\(s\) waited \d+\.\d s in all for the read-ahead window \(the stages after the reads "
+        r"were the slower part\)"
         r"|\d+ embedding worker\(s\) loaded the model \d+ time\(s\) for \d+ group\(s\))$"
     )
     assert [line for line in done.stderr.splitlines() if not ours.match(line)] == []

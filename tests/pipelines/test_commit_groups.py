@@ -83,7 +83,9 @@ def in_a_loop(scenario):
 GROUP_OF = {str(n): n // 2 for n in range(10)}  # two units a group: 0-1 in group 0, 2-3 in 1, ...
 
 
-def test_units_of_the_window_are_read_at_once_and_later_ones_wait_for_the_oldest_groups_commit():
+def test_units_of_the_window_are_read_at_once_and_later_ones_wait_for_the_oldest_groups_commit_and_the_wait_is_counted():
+    import asyncio
+
     async def scenario(start, settle):
         ledger = UnitLedger(GROUP_OF, window=2, slack=0)
         calls = {u: start(ledger.admit(u)) for u in ("0", "1", "2", "3", "4")}
@@ -94,9 +96,12 @@ def test_units_of_the_window_are_read_at_once_and_later_ones_wait_for_the_oldest
         await ledger.commit(1)  # a later group committing first does not move the window
         await settle()
         assert not calls["4"].done()
+        await asyncio.sleep(0.05)
         await ledger.commit(0)
         await settle()
         assert calls["4"].done() and ledger.escaped() == 0
+        held, waited = ledger.held_back()  # unit 4 alone waited, and for about the 50 ms it was kept out
+        assert held == 1 and 0.04 < waited < 5
 
     in_a_loop(scenario)
 
