@@ -22,7 +22,9 @@ taken by an execution callback in the driver), and `driver sink`: the time the d
 then the driver's RSS at the run's start, its peak up to the last commit and its peak after it (the upkeep),
 sampled every 0.25 s, and the peak of each kind of resident memory (`rss_parts`: its own heap, mapped files,
 and the pages of Ray's shared object store it has touched, which RSS and `getrusage` count too), and the
-read tasks' seconds of waiting for the read-ahead window, taken out of the read stage's busy time.
+read tasks' seconds of waiting for the read-ahead window, taken out of the read stage's busy time; last, the
+CPU seconds the cluster's processes used, by node and by what they ran (`ClusterCpu`), and the driver's own:
+where busy time is wall time (a task waiting for a core counts), these say where the cores went.
 
 The corpus is generated deterministically into `--workdir` and cached there (Parquet files of
 `--rows-per-file` rows: ids `r000000000`..., short texts of 4 to 24 words from the bundled sample texts'
@@ -369,6 +371,7 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         "errors_in_table": summary.errors_in_table,
         "commits": table_versions(config.table.uri, names) - versions_before,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),  # user + system, all threads
         "driver_rss_mib": rss.phases(),
         "commit_s": [round(t - started, 1) for t in rss.commits],  # when each group committed
         "window_wait_s": waited,
@@ -493,6 +496,61 @@ class WorkerRss(Sampler):
         return max(self.peaks.values()) / 2**20 if self.peaks else None
 
 
+def process_label(command: list[str]) -> str:
+    """`ray::MapBatches(prepare_batch) ...` -> `MapBatches(prepare_batch)`; `python .../dashboard.py ...` ->
+    `dashboard.py`; `/.../raylet ...` -> `raylet`."""
+    if command[0].startswith("ray::"):
+        return command[0][5:].split(" ")[0]
+    name = os.path.basename(command[0].split(" ")[0])
+    if name.startswith("python"):
+        args = [a for a in command[1:] if not a.startswith("-")]
+        return os.path.basename(args[0]) if args else name
+    return name
+
+
+class ClusterCpu(Sampler):
+    """CPU seconds (user + system) of every process under the cluster's nodes, by node and by what each
+    process was running when sampled: a Ray worker by its title (`ray::MapBatches(prepare_batch)`,
+    `ray::IDLE`, an actor's class), anything else by its name (`raylet`, `gcs_server`). Each sample's
+    increase is put down to the title the process has then, so a worker that ran two kinds of task within
+    one period counts all of it as the later: a profile at the sampling period's resolution."""
+
+    def __init__(self, roots: list[int], period_s: float):
+        super().__init__(period_s)
+        self.roots = roots
+        self.last: dict[int, float] = {}
+        self.by_node: dict[int, float] = {}
+        self.by_what: dict[str, float] = {}
+
+    def sample(self) -> None:
+        import psutil
+
+        for node, root in enumerate(sorted(self.roots)):
+            try:
+                top = psutil.Process(root)
+                processes = [top, *top.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                    what = process_label(process.cmdline() or [process.name()])
+                except psutil.Error:
+                    continue
+                used = times.user + times.system
+                delta = used - self.last.get(process.pid, 0.0)
+                self.last[process.pid] = used
+                self.by_node[node] = self.by_node.get(node, 0.0) + delta
+                self.by_what[what] = self.by_what.get(what, 0.0) + delta
+
+    def figures(self) -> dict[str, Any]:
+        top = sorted(self.by_what.items(), key=lambda kv: -kv[1])
+        return {
+            "by_node": [round(self.by_node.get(n, 0.0), 1) for n in range(len(self.roots))],
+            "by_what": {what: round(seconds, 1) for what, seconds in top if seconds >= 0.5},
+        }
+
+
 def free_port_block(start: int = 6590) -> int:
     """A GCS port whose whole block of ports (see cluster/local.sh, for 2 nodes) is free on this machine."""
     import socket
@@ -543,7 +601,8 @@ def run_pass_process(spec: dict[str, Any], cluster: LocalCluster, tree: Path, ar
         if cluster.pin:  # the driver shares the head node's core
             command = ["taskset", "-c", "0", *command]
         command += ["--one-pass-out", str(out_path)]
-        with WorkerRss(cluster.node_pids(), args.sample_s) as workers:
+        roots = cluster.node_pids()
+        with WorkerRss(roots, args.sample_s) as workers, ClusterCpu(roots, args.sample_s) as cpu:
             done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)
         if done.returncode != 0 or not out_path.exists():
             raise RuntimeError(
@@ -551,6 +610,7 @@ def run_pass_process(spec: dict[str, Any], cluster: LocalCluster, tree: Path, ar
             )
         result = json.loads(out_path.read_text())
     result["worker_peak_mib"] = workers.worst_mib
+    result["cluster_cpu_s"] = cpu.figures()
     first, traced = first_embedded(Path(cluster.env["VLM_EMBED_STAND_IN_TRACE"]), result["started"])
     result["first_row_s"] = None if first is None else first - result["started"]
     result["traced_rows"] = traced
@@ -630,6 +690,17 @@ def row_cells(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def cpu_profile(result: dict[str, Any]) -> str:
+    cpu = result.get("cluster_cpu_s")
+    if not cpu:
+        return ""
+    nodes = ", ".join(f"node {n} {seconds:.0f}" for n, seconds in enumerate(cpu["by_node"]))
+    what = ", ".join(f"{name} {seconds:.0f}" for name, seconds in list(cpu["by_what"].items())[:10])
+    driver = result.get("driver_cpu_s")
+    mine = f"; the driver {driver:.0f}" if driver is not None else ""
+    return f"; CPU s: {nodes}{mine}; by what ran: {what}"
+
+
 def kinds(phases: dict[str, float]) -> str:
     peaks = [
         f"{kind} {phases[f'peak_{kind}']:.0f}"
@@ -662,7 +733,7 @@ def format_rows(results: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"- {r['design']} {r['rows']} rows, {r['nodes']} node(s), {r['pass']}: busy: {stages}{wait}{driver}"
-            f"{when}"
+            f"{when}{cpu_profile(r)}"
         )
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from benchmarks.scale_bench import (
     ensure_corpus,
     first_embedded,
     main,
+    process_label,
     vocabulary,
 )
 
@@ -55,6 +56,16 @@ def test_the_first_embedded_batch_is_the_earliest_trace_line_of_the_pass(tmp_pat
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(1800)  # a loaded machine may need several tries to start the cluster
+def test_a_process_is_named_by_its_ray_task_its_python_script_or_its_program():
+    assert process_label(["ray::MapBatches(prepare_batch)", ""]) == "MapBatches(prepare_batch)"
+    assert process_label(["ray::IDLE"]) == "IDLE"
+    assert (
+        process_label(["/usr/bin/python3.11", "-u", "/x/ray/dashboard/dashboard.py", "--port=1"])
+        == "dashboard.py"
+    )
+    assert process_label(["/x/ray/core/src/ray/raylet/raylet", "--node=1"]) == "raylet"
+
+
 def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = [
@@ -93,11 +104,18 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
         assert 30 < phases["peak_anon"] <= result["driver_peak_mib"] + 1 and phases["peak_file"] > 1
         assert 0 <= phases["peak_shmem"] <= result["driver_peak_mib"] + 1
         assert result["window_wait_s"] >= 0 and all(seconds >= 0 for seconds in result["stages"].values())
+        cpu = result[
+            "cluster_cpu_s"
+        ]  # one node's processes' CPU, most of it in the prepare tasks and workers
+        assert len(cpu["by_node"]) == 1 and 0 < sum(cpu["by_what"].values()) <= cpu["by_node"][0] + 0.1
+        assert any("prepare_batch" in what for what in cpu["by_what"]) and "raylet" in cpu["by_what"]
+        assert 0 < result["driver_cpu_s"] < 2 * result["seconds"] + 60
         assert result["code"]["driver_cores"] == result["code"]["worker_cores"] == [0]  # one node: core 0
         assert any("EmbedClient" in name for name in result["stages"])
         assert any("prepare_batch" in name for name in result["stages"])
     printed = capsys.readouterr().out
     assert "driver RSS MiB:" in printed and "commits at s:" in printed and "peaks by kind: anon" in printed
+    assert "; CPU s: node 0 " in printed and "by what ran: " in printed
     header = printed.splitlines()[0]
     assert all(f" {column} |" in header for column in COLUMNS)
     row = next(line for line in printed.splitlines() if line.startswith("| current | 300 | 1 | full |"))
