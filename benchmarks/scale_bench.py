@@ -513,7 +513,8 @@ class ClusterCpu(Sampler):
     process was running when sampled: a Ray worker by its title (`ray::MapBatches(prepare_batch)`,
     `ray::IDLE`, an actor's class), anything else by its name (`raylet`, `gcs_server`). Each sample's
     increase is put down to the title the process has then, so a worker that ran two kinds of task within
-    one period counts all of it as the later: a profile at the sampling period's resolution."""
+    one period counts all of it as the later: a profile at the sampling period's resolution. What the
+    processes used before the pass (the first sweep) is not counted; a process started since counts whole."""
 
     def __init__(self, roots: list[int], period_s: float):
         super().__init__(period_s)
@@ -521,9 +522,12 @@ class ClusterCpu(Sampler):
         self.last: dict[int, float] = {}
         self.by_node: dict[int, float] = {}
         self.by_what: dict[str, float] = {}
+        self.baseline = True  # the first sweep only notes what the processes had used before the pass
 
     def sample(self) -> None:
         import psutil
+
+        counting, self.baseline = not self.baseline, False
 
         for node, root in enumerate(sorted(self.roots)):
             try:
@@ -540,8 +544,9 @@ class ClusterCpu(Sampler):
                 used = times.user + times.system
                 delta = used - self.last.get(process.pid, 0.0)
                 self.last[process.pid] = used
-                self.by_node[node] = self.by_node.get(node, 0.0) + delta
-                self.by_what[what] = self.by_what.get(what, 0.0) + delta
+                if counting:
+                    self.by_node[node] = self.by_node.get(node, 0.0) + delta
+                    self.by_what[what] = self.by_what.get(what, 0.0) + delta
 
     def figures(self) -> dict[str, Any]:
         top = sorted(self.by_what.items(), key=lambda kv: -kv[1])

@@ -108,7 +108,10 @@ def test_a_tiny_run_prints_a_full_and_a_resume_pass_with_sane_figures(tmp_path, 
             "cluster_cpu_s"
         ]  # one node's processes' CPU, most of it in the prepare tasks and workers
         assert len(cpu["by_node"]) == 1 and 0 < sum(cpu["by_what"].values()) <= cpu["by_node"][0] + 0.1
-        assert any("prepare_batch" in what for what in cpu["by_what"]) and "raylet" in cpu["by_what"]
+        assert any("prepare_batch" in what for what in cpu["by_what"])
+        # the node runs on one core: no more CPU than the pass' time (and its process' start), so nothing
+        # used before the pass (the full pass, for the resume) is counted in it
+        assert cpu["by_node"][0] < result["seconds"] + 15
         assert 0 < result["driver_cpu_s"] < 2 * result["seconds"] + 60
         assert result["code"]["driver_cores"] == result["code"]["worker_cores"] == [0]  # one node: core 0
         assert any("EmbedClient" in name for name in result["stages"])
