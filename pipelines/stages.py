@@ -36,6 +36,7 @@ from pipelines.prepared_arrow import (
     vector_column,
 )
 from pipelines.readers import is_uri, read_image_uri
+from pipelines.work_units import READ_TASKS
 
 
 def _check_count(batch, out) -> Any:
@@ -265,6 +266,7 @@ def build_pipeline(ds, config: Config, target, num_gpus: float, dimension: int |
         fn_kwargs={"target": target},
         udf_modifying_row_count=False,
         num_cpus=0,  # as the reads' (the docstring says why)
+        compute=ray.data.TaskPoolStrategy(size=READ_TASKS),  # the reads' cap: so Ray Data fuses the two
     )
     ds = ds.map_batches(
         prepare_batch,

@@ -153,6 +153,16 @@ def test_the_command_prints_our_progress_and_summary_and_leaves_rays_output_in_i
     assert "Started a local Ray instance" not in done.stderr and list(logs.glob("ray-data/*.log"))
 
 
+def test_the_reads_and_the_claims_run_as_one_ray_data_operator(quick_start):
+    """mark_done has the reads' cap and resources, so Ray Data fuses it into the read tasks: a task reads a
+    unit, claims and looks up its rows, and hands on one block (not a block each way through the object
+    store between two operators)."""
+    (logs,) = quick_start.ray_tmp.glob("ray/session_2*/logs")
+    text = "\n".join(path.read_text() for path in logs.glob("ray-data/*.log"))
+    plans = [line for line in text.splitlines() if "Execution plan of Dataset" in line]
+    assert plans and all("TaskPoolMapOperator[ReadUnits->MapBatches(mark_done)]" in line for line in plans)
+
+
 def test_the_driver_reads_the_vector_size_without_importing_torch(tiny_model_dir, embedder):
     code = (
         "import sys; from pipelines.config import EmbedderConfig; from pipelines.loading import embedding_dimension; "
