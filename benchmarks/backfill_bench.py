@@ -10,7 +10,11 @@ folder of random square PNGs), so the backfill reads, decodes and tokenizes like
 - `bare_forward`: the embedder alone on already prepared items (`embed_prepared`): what the GPU can do;
 - `bare_end_to_end`: the embedder alone, preparing in this one process (`embed_batch`);
 - `backfill`: `run_backfill(config)` (Ray already started, so its start-up is not counted; the actor's model
-  load and warm-up are), rows/s over the whole run; target >= 90% of `bare_forward`.
+  load and warm-up are), rows/s over the whole run; target >= 90% of `bare_forward`; with its start-up
+  (`BackfillSummary.start_up`: when the first embedding worker's process started, its actor began, its model
+  loaded and warmed up, and when the first batch was embedded, in seconds from the run's start), the part of
+  the whole run no steady rate can win back;
+- `backfill_steady`: rows/s from the first commit to the last.
 GPU busy: the mean of `nvidia-smi`'s utilization sampled every 0.25 s during each phase.
 """
 
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "embedded": summary.embedded,
             "errored": summary.errored,
             "vectors_in_table": summary.vectors_in_table,
+            "start_up": summary.start_up,
         }
         result["backfill_steady"] = steady_state(arrivals)
         result["backfill_over_bare_forward"] = (
@@ -162,8 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def steady_state(arrivals: list[tuple[float, int]]) -> dict[str, Any] | None:
     """Rows/s once rows flow: the rows after the first commit over the time from the first commit to the last,
     which leaves out the start-up every run pays once (the actors' model load and warm-up, the first read).
-    The driver sees one arrival per commit (a group of about `commit_rows` rows, each group its own Ray Data
-    job, so each later group still pays its actors' start): None with fewer than two commits."""
+    The driver sees one arrival per commit (a group of about `commit_rows` rows): None with fewer than two
+    commits."""
     if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
         return None
     rows = sum(n for _, n in arrivals[1:])
@@ -211,6 +216,8 @@ def save_random_checkpoint(shape: str, root: Path) -> str:
 
 
 def format_result(result: dict[str, Any]) -> str:
+    from pipelines.embed_pool import start_up_line
+
     def busy(value):
         return "-" if value is None else f"{value:.0f}%"
 
@@ -224,6 +231,8 @@ def format_result(result: dict[str, Any]) -> str:
             f"GPU busy {busy(figures['gpu_busy'])}"
         )
     lines.append(f"  backfill / bare forward: {result['backfill_over_bare_forward']:.0%} (start-up included)")
+    if result["backfill"].get("start_up"):
+        lines.append(f"  start-up: {start_up_line(result['backfill']['start_up'])}")
     if "steady_over_bare_forward" in result:
         lines.append(
             f"  steady backfill / bare forward: {result['steady_over_bare_forward']:.0%} (target >= 90%; "

@@ -22,11 +22,12 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pipelines.backends import embedding_dimension
 from pipelines.config import Config, EmbedderConfig, ResourcesConfig, SourceConfig, TableConfig
 from pipelines.config_flags import add_config_flags, with_flags
+from pipelines.kept import kept_types
 from pipelines.ray_cluster import off_driver, ray_address, resolve_num_gpus
 from pipelines.readers import is_uri
 
@@ -58,6 +59,7 @@ class BackfillSummary:
     commits: int = 0
     upkeep: str = ""
     window_wait_s: float = 0.0  # the read tasks' seconds waiting for the read-ahead window, together
+    start_up: dict[str, float] = field(default_factory=dict)  # the embedding workers' (`embed_pool.start_up`)
 
     @property
     def adds_up(self) -> bool:
@@ -144,13 +146,13 @@ def run_backfill(
     from pipelines.table_upkeep import upkeep
     from pipelines.work_units import plan_units, waves
 
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     if not config.sources:
         raise ValueError("the config names no sources")
     config = absolute_paths(config, os.getcwd())
     check_sources(config.sources)  # before Ray starts and before a table is touched: fail in a second
     dimension = embedding_dimension(config.embedder)
-    kept = kept_columns(config)
+    kept = kept_types(config.sources)  # every source's kept columns, each with one type
     listings = ListingPlace(
         config.table.uri, config.table.name, tuple(sorted(config.table.storage_options.items()))
     )
@@ -168,11 +170,12 @@ def run_backfill(
             len(units),
             before,
         )
-    commits, waited = 0, 0.0
+    commits, waited, start_up = 0, 0.0, {}
     try:
         if todo:
-            commits, waited = _run_groups(
-                config, waves(todo, config.table.commit_rows), tables, kept, dimension, totals, on_batch
+            groups = waves(todo, config.table.commit_rows)
+            commits, waited, start_up = _run_groups(
+                config, groups, tables, kept, dimension, totals, on_batch, started
             )
     finally:
         remove_listings(listings, range(len(config.sources)))
@@ -198,22 +201,33 @@ def run_backfill(
         commits=commits,
         upkeep=kept_up.phrase(),
         window_wait_s=waited,
+        start_up=start_up,
     )
     if not summary.adds_up:  # the writers count every row they receive; this can only be a bug
         raise RuntimeError(f"the counts do not add up: {summary.line()}")
     return summary
 
 
-def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dimension: int, totals, on_batch):
+def _run_groups(
+    config: Config,
+    groups: list,
+    tables,
+    kept: dict[str, str],
+    dimension: int,
+    totals,
+    on_batch,
+    started: float,
+):
     """The groups' units as one Ray Data execution; each group commits as soon as all its units are back
     (`commit_groups`), while later groups are still read, prepared and embedded. The embedding workers
     (`EmbedPool`) start first and load the model while the first units are read and prepared. Adds to
-    `totals`; returns the number of commits and the read tasks' seconds of waiting for the window."""
+    `totals`; returns the number of commits, the read tasks' seconds of waiting for the window and the
+    workers' start (`embed_pool.start_up`, seconds after `started`, the run's wall-clock start)."""
     import ray
 
     from pipelines import lance_write
     from pipelines.commit_groups import GroupTracker, start_ledger
-    from pipelines.embed_pool import EmbedPool
+    from pipelines.embed_pool import EmbedPool, start_up, start_up_line
     from pipelines.stages import build_pipeline
     from pipelines.work_units import units_dataset
 
@@ -295,14 +309,17 @@ def _run_groups(config: Config, groups: list, tables, kept: dict[str, str], dime
             )
     finally:
         lance_write.stop_claims((*claims, ledger))
-        loads = pool.stop()
+        loads, times = pool.stop()
     log.info(
         "%d embedding worker(s) loaded the model %s time(s) for %d group(s)",
         len(pool.workers),
         loads,
         len(groups),
     )
-    return commits, waited
+    figures = start_up(times, started)
+    if figures:
+        log.info("%s", start_up_line(figures))
+    return commits, waited, figures
 
 
 WINDOW_GROUPS = 3  # groups read ahead of the oldest uncommitted one (`commit_groups.UnitLedger`)
@@ -359,13 +376,6 @@ def _target(table: TableConfig, kept: dict[str, str], claims: tuple, start: tupl
         kept_types=tuple(kept.items()),
         claims=claims,
     )
-
-
-def kept_columns(config: Config) -> dict[str, str]:
-    """Every source's kept columns with their types (`kept.kept_types`, the readers' own rule)."""
-    from pipelines.kept import kept_types
-
-    return kept_types(config.sources)
 
 
 # -- command line --------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
+from pipelines.readers import filesystem_and_path
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".torch-cache"
@@ -104,18 +106,6 @@ def cache_key(config, engine) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     readable = f"torch{parts['torch']}-{parts['device']}"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in readable) + f"-{digest}{SUFFIX}"
-
-
-def open_store(location: str):
-    """(pyarrow filesystem, directory path in it) for a local directory or an object-store URI."""
-    import os
-
-    from pyarrow import fs
-
-    if "://" not in location:
-        return fs.LocalFileSystem(), os.path.abspath(location)
-    filesystem, path = fs.FileSystem.from_uri(location)
-    return filesystem, path.rstrip("/")
 
 
 def _cache_counters() -> tuple[int, int, int]:
@@ -199,7 +189,7 @@ def shared_compile_cache(config, engine) -> Iterator[CacheReport | None]:
     filesystem = directory = path = None
     try:
         report.key = cache_key(config, engine)
-        filesystem, directory = open_store(location)
+        filesystem, directory = filesystem_and_path(location)
         path = f"{directory}/{report.key}"
         load(report, filesystem, path)
     except Exception as error:

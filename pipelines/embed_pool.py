@@ -20,6 +20,7 @@ client): a few MB per batch, small beside a forward pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,18 +34,28 @@ STOP_TIMEOUT_S = 10  # how long the stop waits for the workers' load counts
 
 
 class EmbedWorker(EmbedActor):
-    """The stage's `EmbedActor` as a long-lived Ray actor: `load` at start, then `embed` per batch."""
+    """The stage's `EmbedActor` as a long-lived Ray actor: `load` at start, then `embed` per batch.
+
+    It keeps the wall-clock times of its start (`report`): its process started, its actor began, its model
+    loaded, warmed up (`ready`), and its first batch with rows to embed was done."""
 
     def __init__(self, config_json: str, dimension: int | None = None):
+        import psutil
+
         self.loads = 0  # model loads of this actor (a restarted actor counts again from 0)
+        self.times = {"process": psutil.Process().create_time(), "actor": time.time()}
         super().__init__(config_json, dimension)
 
     def _load(self) -> None:
+        began = time.time()
         super()._load()
         self.loads += 1
+        self.times.setdefault("loaded", began + self.load_s)
+        self.times.setdefault("ready", began + self.load_s + self.warm_up_s)
 
-    def load_count(self) -> int:
-        return self.loads
+    def report(self) -> dict:
+        """{"loads": model loads, "times": the start's wall-clock times (the class docstring)}."""
+        return {"loads": self.loads, "times": dict(self.times)}
 
     def load(self) -> int:
         """Load the model now (not on the first batch) and give the vector size."""
@@ -53,7 +64,41 @@ class EmbedWorker(EmbedActor):
         return self.dimension
 
     def embed(self, batch):
-        return self(batch)
+        out = self(batch)
+        if "first_batch" not in self.times and "todo" in batch["status"].to_pylist():
+            self.times["first_batch"] = time.time()
+        return out
+
+
+PHASES = (("process", "process"), ("actor", "actor"), ("loaded", "model loaded"), ("ready", "warmed up"))
+
+
+def start_up(times: list[dict[str, float]], since: float) -> dict[str, float]:
+    """The workers' start in seconds after `since` (the run's start, wall clock), from their `report()`
+    times: the phases of the worker that was ready first (a process Ray had started before the run counts
+    0), when the last one was ready, and when the first batch was embedded. Empty if none was ready."""
+    ready = [t for t in times if "ready" in t]
+    if not ready:
+        return {}
+    first = min(ready, key=lambda t: t["ready"])
+    figures = {f"{key}_s": round(max(first[key] - since, 0.0), 2) for key, _ in PHASES}
+    figures["last_ready_s"] = round(max(t["ready"] for t in ready) - since, 2)
+    batches = [t["first_batch"] for t in ready if "first_batch" in t]
+    if batches:
+        figures["first_batch_s"] = round(min(batches) - since, 2)
+    return figures
+
+
+def start_up_line(figures: dict[str, float]) -> str:
+    """`start_up`'s figures as one log line."""
+    phases = ", ".join(f"{name} {figures[f'{key}_s']:.1f} s" for key, name in PHASES)
+    line = (
+        f"the first embedding worker was ready {figures['ready_s']:.1f} s into the run ({phases}), "
+        f"the last {figures['last_ready_s']:.1f} s"
+    )
+    if "first_batch_s" in figures:
+        line += f"; the first batch was embedded at {figures['first_batch_s']:.1f} s"
+    return line
 
 
 class Slots:
@@ -129,15 +174,17 @@ class EmbedPool:
             udf_modifying_row_count=False,
         )
 
-    def stop(self) -> int | None:
-        """Stop the workers; returns how many times they loaded the model (None if one did not answer)."""
+    def stop(self) -> tuple[int | None, list[dict[str, float]]]:
+        """Stop the workers; returns how many times they loaded the model (None if one did not answer) and
+        each answering worker's start times (`EmbedWorker.report`)."""
         import ray
 
         try:
-            loads = sum(ray.get([w.load_count.remote() for w in self.workers], timeout=STOP_TIMEOUT_S))
+            reports = ray.get([w.report.remote() for w in self.workers], timeout=STOP_TIMEOUT_S)
+            loads, times = sum(r["loads"] for r in reports), [r["times"] for r in reports]
         except Exception:  # a worker that died or hangs: its count is lost, the stop goes on
-            loads = None
+            loads, times = None, []
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         ray.kill(self.slots, no_restart=True)
-        return loads
+        return loads, times

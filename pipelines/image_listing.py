@@ -109,7 +109,7 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
     """The rows of one written row group, as the readers make them (a todo row, or the folder's error row)."""
     import pyarrow.parquet as pq
 
-    from pipelines.readers import _empty, error_row, filesystem_for
+    from pipelines.readers import empty_row, error_row, filesystem_for
     from pipelines.work_units import fs_path
 
     filesystem = filesystem_for(path, storage_options)
@@ -117,7 +117,7 @@ def read_chunk(path: str, group: int, storage_options: dict | None, source: Sour
         table = pq.ParquetFile(handle).read_row_group(group)
     for row in table.to_pylist():
         if row["reason"] is None:
-            yield _empty(source, row["id"]) | {"image_uri": row["image_uri"], "status": "todo"}
+            yield empty_row(source, row["id"]) | {"image_uri": row["image_uri"], "status": "todo"}
         else:
             kind, _, message = row["reason"].partition(": ")  # as error_row wrote it: "<kind>: <message>"
             yield error_row(source, row["id"], kind, message)

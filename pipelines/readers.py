@@ -71,6 +71,16 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def filesystem_and_path(location: str, storage_options: dict[str, str] | None = None):
+    """(pyarrow filesystem, the location's path in it, without a trailing "/") for a local path or a URI, the
+    filesystem as `filesystem_for` makes it."""
+    if not is_uri(location):
+        return filesystem_for(location), os.path.abspath(location)
+    from pyarrow import fs
+
+    return filesystem_for(location, storage_options), fs.FileSystem.from_uri(location)[1].rstrip("/")
+
+
 def filesystem_for(path: str, storage_options: dict[str, str] | None = None):
     """The pyarrow filesystem for a local path or a URI. For `s3://`, `storage_options` (the object-store keys
     LanceDB takes: `aws_access_key_id`, `aws_secret_access_key`, `aws_endpoint`/`endpoint`, `aws_region`/
@@ -115,10 +125,10 @@ def read_image_uri(uri: str, storage_options: dict[str, str] | None = None) -> b
 
 
 def error_row(source: SourceConfig, row_id: str, kind: str, message: str) -> dict[str, Any]:
-    return {**_empty(source, row_id), "status": "error", "stage": "read", "reason": f"{kind}: {message}"}
+    return {**empty_row(source, row_id), "status": "error", "stage": "read", "reason": f"{kind}: {message}"}
 
 
-def _empty(source: SourceConfig, row_id: str) -> dict[str, Any]:
+def empty_row(source: SourceConfig, row_id: str) -> dict[str, Any]:
     return dict.fromkeys(ROW_COLUMNS) | {"id": row_id, "source": source.label}
 
 
@@ -210,7 +220,7 @@ def build_row(source: SourceConfig, raw: dict[str, Any], base_dir: str, where: s
         row_id = raw_id(json.dumps(_jsonable(raw), sort_keys=True).encode())
     if problem is not None:
         return error_row(source, row_id, *problem)
-    row = _empty(source, row_id) | {"text": text, "image_uri": image_uri, "image_bytes": image_bytes}
+    row = empty_row(source, row_id) | {"text": text, "image_uri": image_uri, "image_bytes": image_bytes}
     if source.keep_columns:  # typed per block when the rows become Arrow (`work_units.read_unit`)
         row["kept"] = {c: _jsonable(raw.get(c)) for c in source.keep_columns}
     return row | {"status": "todo"}
@@ -318,7 +328,7 @@ def iter_images(source: SourceConfig) -> Iterator[dict[str, Any]]:
         yield from _iter_images_uri(source)
         return
     if os.path.isfile(root):
-        yield _empty(source, os.path.basename(root)) | {"image_uri": root, "status": "todo"}
+        yield empty_row(source, os.path.basename(root)) | {"image_uri": root, "status": "todo"}
         return
     failed: list[dict[str, Any]] = []
 
@@ -336,7 +346,7 @@ def iter_images(source: SourceConfig) -> Iterator[dict[str, Any]]:
             if _has_extension(name, source.extensions):
                 full = os.path.join(folder, name)
                 rel = PurePosixPath(*os.path.relpath(full, root).split(os.sep)).as_posix()
-                yield _empty(source, rel) | {"image_uri": full, "status": "todo"}
+                yield empty_row(source, rel) | {"image_uri": full, "status": "todo"}
     yield from failed
 
 
@@ -355,7 +365,7 @@ def _iter_images_uri(source: SourceConfig) -> Iterator[dict[str, Any]]:
         for info in infos:
             if info.type == fs.FileType.File and _has_extension(info.base_name, source.extensions):
                 rel = info.path[len(root) :].lstrip("/")
-                yield _empty(source, rel) | {"image_uri": f"{scheme}://{info.path}", "status": "todo"}
+                yield empty_row(source, rel) | {"image_uri": f"{scheme}://{info.path}", "status": "todo"}
         folders.extend(reversed([i.path for i in infos if i.type == fs.FileType.Directory]))
 
 

@@ -174,11 +174,13 @@ class EmbedActor:
     def _load(self) -> None:
         from pipelines.backends import load_embedder
 
+        began = time.perf_counter()
         self.embedder = load_embedder(self.config)
         loaded = self.embedder.get_embedding_dimension()
         if self._dimension is not None and loaded != self._dimension:
             raise RuntimeError(f"the model gives {loaded}-d vectors, the table expects {self._dimension}")
         self._dimension = loaded
+        self.load_s = time.perf_counter() - began  # imports, weights; the warm-up (compiling) apart
         device = self.embedder.device  # a torch.device, or "cpu" (the stand-in)
         device_type = getattr(device, "type", str(device).split(":")[0])
         if self.config.resolved_compile(device_type, warmed_up=True):
@@ -186,6 +188,7 @@ class EmbedActor:
             # vision blocks too, as Serve's replica does (and the shared compile cache then holds both)
             has_images = getattr(self.embedder, "image_processor", None) is not None
             self.embedder.warm_up(image_side=64 if has_images else None)
+        self.warm_up_s = time.perf_counter() - began - self.load_s
 
     def __call__(self, batch):
         status = batch["status"].to_pylist()

@@ -59,3 +59,6 @@ def test_the_backfill_mode_embeds_every_row_and_reports_rows_per_second(tmp_path
     )
     printed = capsys.readouterr().out
     assert format_result(result) in printed and "target >= 90%" in printed
+    start = result["backfill"]["start_up"]
+    assert start["ready_s"] <= start["first_batch_s"] <= result["backfill"]["seconds"]
+    assert f"the first embedding worker was ready {start['ready_s']:.1f} s into the run" in printed

@@ -34,10 +34,34 @@ def test_a_run_of_three_groups_loads_the_model_once(tmp_path, tiny_model_dir, ra
         int, re.fullmatch(r"(\d+) .* the model (\d+) time\(s\) for (\d+) group\(s\)", line).groups()
     )
     assert (workers, loads) == (1, 1) and groups >= 3
+    start = summary.start_up  # the one worker's, in seconds from the run's start, in the order they happen
+    phases = [start[k] for k in ("process_s", "actor_s", "loaded_s", "ready_s", "first_batch_s")]
+    assert phases == sorted(phases) and phases[0] >= 0 and phases[-1] <= summary.seconds, start
+    assert start["last_ready_s"] == start["ready_s"]
+    assert any(r.getMessage().startswith("the first embedding worker was ready") for r in caplog.records)
     assert connect(config.table).open_table("vectors").count_rows() == 30
     assert run_actors_gone(within_s=30), (
         "the run left its actors (embedding workers, id claims, unit ledger) alive"
     )
+
+
+def test_the_start_up_is_the_first_ready_workers_from_the_runs_start():
+    """Wall-clock times as two workers report them (`EmbedWorker.report`); the run began at 100. A process
+    Ray had started before the run counts 0; a worker that never got ready (no GPU for it) is left out."""
+    from pipelines.embed_pool import start_up
+
+    early = {"process": 90.0, "actor": 101.0, "loaded": 105.5, "ready": 108.0, "first_batch": 109.25}
+    late = {"process": 102.0, "actor": 103.0, "loaded": 110.0, "ready": 112.5, "first_batch": 113.0}
+    stuck = {"process": 99.0, "actor": 100.5}
+    assert start_up([late, stuck, early], since=100.0) == {
+        "process_s": 0.0,
+        "actor_s": 1.0,
+        "loaded_s": 5.5,
+        "ready_s": 8.0,
+        "last_ready_s": 12.5,
+        "first_batch_s": 9.25,
+    }
+    assert start_up([stuck], since=100.0) == {}
 
 
 def run_actors_gone(within_s: float) -> bool:
@@ -93,7 +117,7 @@ def test_a_worker_ray_cannot_place_takes_no_batch(tiny_model_dir, embedder, ray_
             np.testing.assert_allclose(
                 np.stack(out["vector"].to_pylist()), embedder.embed_batch(texts), atol=1e-5
             )
-        assert ray.get(placed.load_count.remote()) == 1
+        assert ray.get(placed.report.remote())["loads"] == 1
     finally:
         for actor in (placed, never, slots):
             ray.kill(actor)
